@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, Megatron indexed datasets (.bin/.idx), GPT sample indices, blending."""
