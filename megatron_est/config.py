@@ -1,0 +1,215 @@
+"""Typed configuration: one dataclass per concern, plus named presets. No global state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message is one line naming the flag."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"  # "gpt2" (learned positions, LayerNorm, GELU, biases, tied) or "llama"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (one KV head per query head)
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden (gpt2)
+    vocab_size: int = 8192  # tokenizer vocabulary; padded below
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    init_method_std: float = 0.02
+    # Derived from family unless given.
+    normalization: Optional[str] = None  # "layernorm" | "rmsnorm"
+    activation: Optional[str] = None  # "gelu" | "swiglu"
+    position_embedding: Optional[str] = None  # "learned" | "rope"
+    add_bias: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        llama = self.family == "llama"
+        if self.family not in ("gpt2", "llama"):
+            raise ConfigError(f"--model-family: unknown family {self.family!r} (choose gpt2 or llama)")
+        if self.normalization is None:
+            self.normalization = "rmsnorm" if llama else "layernorm"
+        if self.activation is None:
+            self.activation = "swiglu" if llama else "gelu"
+        if self.position_embedding is None:
+            self.position_embedding = "rope" if llama else "learned"
+        if self.add_bias is None:
+            self.add_bias = not llama
+        if self.tie_embeddings is None:
+            self.tie_embeddings = not llama
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # Padding depends only on make_vocab_size_divisible_by (not the TP size), so a TP=2 model has
+        # exactly the TP=1 shapes and weights.
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def queries_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    data_parallel_size: int = 1  # derived from the world size at launch
+    distributed_backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
+
+
+@dataclass
+class ESTConfig:
+    schedule: str = "none"  # preset name, "none", or "START:pH,pM,pL;START:pH,pM,pL;..."
+    layer_rescale: bool = False  # scale active residual branches by N_L / k_L
+    stratified: bool = True
+    # Number of sampling strata for heads/neurons (per layer) and for layers. None: the TP / PP size, which
+    # balances the shards. Give fixed values to draw the same subnetworks whatever the parallel layout.
+    tp_strata: Optional[int] = None
+    pp_strata: Optional[int] = None
+    seed: Optional[int] = None  # None: the training seed
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: Optional[int] = None  # None: micro * data-parallel size
+    train_iters: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 20
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 10
+    metrics_file: Optional[str] = None
+    num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU
+
+
+@dataclass
+class DataConfig:
+    data_path: list = field(default_factory=list)  # Megatron style: [prefix] or [w1, p1, w2, p2, ...]
+    split: str = "969,30,1"
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    cache_dir: str = ".cache"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    est: ESTConfig = field(default_factory=ESTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+MODEL_PRESETS: dict[str, dict] = {
+    "gpt2-124m": dict(family="gpt2", num_layers=12, hidden_size=768, num_attention_heads=12,
+                      vocab_size=50257, seq_length=1024),
+    "gpt2-medium": dict(family="gpt2", num_layers=24, hidden_size=1024, num_attention_heads=16,
+                        vocab_size=50257, seq_length=1024),
+    "tinyllama-1.1b": dict(family="llama", num_layers=22, hidden_size=2048, num_attention_heads=32,
+                           num_query_groups=4, ffn_hidden_size=5632, vocab_size=32000, norm_epsilon=1e-5,
+                           rotary_base=10000.0, seq_length=2048),
+    # Tiny CPU presets for tests and demos.
+    "gpt2-tiny": dict(family="gpt2", num_layers=4, hidden_size=256, num_attention_heads=8, vocab_size=8192,
+                      seq_length=256),
+    "llama-tiny": dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                       ffn_hidden_size=688, vocab_size=8192, seq_length=256),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"--model-preset: unknown preset {name!r} (known: {', '.join(MODEL_PRESETS)})")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Refuse invalid combinations up front (before any process group exists), one line naming the flags."""
+    m, par, tr, est = cfg.model, cfg.parallel, cfg.train, cfg.est
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+             f"--pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by --num-query-groups "
+             f"{m.num_query_groups}")
+    _require(m.num_attention_heads % tp == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(m.num_query_groups % tp == 0,
+             f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(m.ffn_hidden_size % tp == 0,
+             f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(m.padded_vocab_size % tp == 0,
+             f"padded vocabulary {m.padded_vocab_size} is not divisible by --tensor-model-parallel-size {tp} "
+             "(raise --make-vocab-size-divisible-by)")
+    _require(m.num_layers % pp == 0,
+             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    _require(m.seq_length <= m.max_position_embeddings,
+             f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    _require(m.position_embedding != "rope" or m.head_dim % 2 == 0, "rotary embeddings need an even head size")
+    gbs = tr.global_batch_size or tr.micro_batch_size * dp
+    _require(tr.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    _require(gbs % (tr.micro_batch_size * dp) == 0,
+             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {tr.micro_batch_size} x "
+             f"data-parallel size {dp}")
+    _require(tr.train_iters >= 1, "--train-iters must be >= 1")
+    _require(tr.lr > 0 and 0 <= tr.min_lr <= tr.lr, "--lr must be > 0 and --min-lr in [0, --lr]")
+    _require(tr.lr_decay_style in ("cosine", "linear", "constant"),
+             f"--lr-decay-style: unknown style {tr.lr_decay_style!r} (cosine, linear, constant)")
+    _require(tr.eval_interval >= 1 and tr.log_interval >= 1, "--eval-interval and --log-interval must be >= 1")
+    _validate_strata(cfg, tp, pp)
+
+
+def _validate_strata(cfg: Config, tp: int, pp: int) -> None:
+    m, est = cfg.model, cfg.est
+    hs = est.tp_strata or tp
+    _require(hs % tp == 0, f"--est-tp-strata {hs} must be a multiple of --tensor-model-parallel-size {tp}")
+    _require(m.ffn_hidden_size % hs == 0, f"--est-tp-strata {hs} does not divide --ffn-hidden-size")
+    _require(m.queries_per_group > 1 or m.num_attention_heads % hs == 0,
+             f"--est-tp-strata {hs} does not divide --num-attention-heads {m.num_attention_heads}")
+    ls = est.pp_strata or pp
+    _require(ls % pp == 0 and m.num_layers % ls == 0,
+             f"--est-pp-strata {ls} must be a multiple of --pipeline-model-parallel-size {pp} and divide "
+             f"--num-layers {m.num_layers}")

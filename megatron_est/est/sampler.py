@@ -1,0 +1,106 @@
+"""Per-step subnetwork sampling: a pure function of (seed, iteration).
+
+Every rank (TP, PP, DP) calls it with the same arguments and gets the same subnetwork, so no communication is
+needed and a resumed run redraws identical subnetworks. It uses its own torch.Generator, never the global RNG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_est.config import ModelConfig
+from megatron_est.est.schedule import Schedule, Stage
+
+
+def keep_count(p: float, n: int) -> int:
+    """round(p * n) with halves rounded up (not Python's banker's rounding), and at least one unit."""
+    return max(1, min(n, int(p * n + 0.5)))
+
+
+@dataclass(frozen=True)
+class Subnetwork:
+    """Which layers, heads and neurons train this step. None means "all" (no slicing)."""
+    stage: int
+    rates: Stage
+    layers: tuple[int, ...]  # kept global layer indices, ascending
+    heads: tuple[Optional[torch.Tensor], ...]  # per layer: kept global query-head indices (ascending)
+    neurons: tuple[Optional[torch.Tensor], ...]  # per layer: kept global MLP neuron indices (ascending)
+    layer_scale: float  # multiplier on active residual branches (N_L / k_L when rescaling, else 1)
+
+    @property
+    def is_full(self) -> bool:
+        return self.rates.is_full
+
+    def kept_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class Strata:
+    """Partition of each sampled dimension into strata that keep equal counts (balanced parallel work)."""
+    heads: int  # strata over the query heads of a layer (ignored with GQA: strata are the KV groups)
+    neurons: int  # strata over the MLP neurons of a layer
+    layers: tuple[tuple[int, int], ...]  # [start, end) layer ranges, e.g. the pipeline stages
+
+
+def even_ranges(n: int, parts: int) -> tuple[tuple[int, int], ...]:
+    size = n // parts
+    return tuple((i * size, (i + 1) * size) for i in range(parts))
+
+
+def _generator(seed: int, iteration: int) -> torch.Generator:
+    # A fixed integer mix of (seed, iteration); independent of any global RNG state.
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + iteration * 7_919 + 0x5EED) % (2**63 - 1))
+    return g
+
+
+def _sample_strata(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: float) -> torch.Tensor:
+    """Keep keep_count(p, size) indices uniformly without replacement inside each [start, end) range."""
+    kept = []
+    for start, end in ranges:
+        n = end - start
+        kept.append(torch.randperm(n, generator=g)[: keep_count(p, n)] + start)
+    return torch.cat(kept).sort().values
+
+
+class SubnetworkSampler:
+    def __init__(self, model: ModelConfig, schedule: Schedule, seed: int, strata: Strata,
+                 stratified: bool = True, layer_rescale: bool = False):
+        self.model, self.schedule, self.seed = model, schedule, seed
+        self.strata, self.stratified, self.layer_rescale = strata, stratified, layer_rescale
+
+    def _head_ranges(self) -> list[tuple[int, int]]:
+        m = self.model
+        if not self.stratified:
+            return [(0, m.num_attention_heads)]
+        if m.queries_per_group > 1:  # GQA: same number of query heads in every KV group
+            r = m.queries_per_group
+            return [(g * r, (g + 1) * r) for g in range(m.num_query_groups)]
+        return list(even_ranges(m.num_attention_heads, self.strata.heads))
+
+    def _neuron_ranges(self) -> list[tuple[int, int]]:
+        parts = self.strata.neurons if self.stratified else 1
+        return list(even_ranges(self.model.ffn_hidden_size, parts))
+
+    def __call__(self, iteration: int) -> Subnetwork:
+        m = self.model
+        stage_idx = self.schedule.stage_index(iteration)
+        rates = self.schedule.stages[stage_idx]
+        if rates.is_full:
+            return Subnetwork(stage_idx, rates, tuple(range(m.num_layers)), (None,) * m.num_layers,
+                              (None,) * m.num_layers, 1.0)
+        g = _generator(self.seed, iteration)
+        if rates.p_layers < 1.0:
+            ranges = self.strata.layers if self.stratified else [(0, m.num_layers)]
+            layers = tuple(_sample_strata(g, ranges, rates.p_layers).tolist())
+        else:
+            layers = tuple(range(m.num_layers))
+        heads, neurons = [], []
+        for _ in range(m.num_layers):  # draw for every layer so a layer's draw does not depend on others
+            heads.append(_sample_strata(g, self._head_ranges(), rates.p_heads) if rates.p_heads < 1 else None)
+            neurons.append(_sample_strata(g, self._neuron_ranges(), rates.p_mlp) if rates.p_mlp < 1 else None)
+        scale = m.num_layers / len(layers) if self.layer_rescale else 1.0
+        return Subnetwork(stage_idx, rates, layers, tuple(heads), tuple(neurons), scale)

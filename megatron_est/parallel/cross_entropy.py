@@ -1,0 +1,48 @@
+"""Cross-entropy over logits whose vocabulary is split across tensor-parallel ranks.
+
+Never gathers the full [tokens, vocab] logits: only per-token max, target logit and sum of exps are reduced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, vocab_start: int):
+        logits = logits.float()
+        local_max = logits.max(dim=-1).values
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - local_max.unsqueeze(-1)
+        n_local = logits.shape[-1]
+        local_t = target - vocab_start
+        outside = (local_t < 0) | (local_t >= n_local)
+        local_t = local_t.masked_fill(outside, 0)
+        picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        stats = torch.stack([picked, sum_exp])
+        dist.all_reduce(stats, group=group)
+        picked, sum_exp = stats[0], stats[1]
+        loss = sum_exp.log() - picked
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_t, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        softmax, local_t, outside = ctx.saved_tensors
+        grad = softmax
+        inside = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -inside.unsqueeze(-1))
+        return grad * grad_loss.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group, tp: int,
+                                 vocab_start: int) -> torch.Tensor:
+    """Per-token loss [..] from local logits [.., V/tp] and global target ids [..]."""
+    if tp == 1:
+        flat = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none")
+        return flat.view(target.shape)
+    return _VocabParallelCE.apply(logits, target, group, vocab_start)

@@ -1,0 +1,90 @@
+"""Column- and row-parallel linears and a vocab-parallel embedding that can run on a slice of their units.
+
+`index` selects output rows (column-parallel) or input columns (row-parallel) of the LOCAL shard, so the matmul
+itself shrinks; gradients of unselected rows/columns are zero.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron_est.parallel.init import normal_full, shard
+from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
+from megatron_est.parallel.state import ParallelState
+
+
+def _mark_tp(p: nn.Parameter) -> nn.Parameter:
+    p.tensor_parallel = True  # sharded over TP: its gradient norm is summed over the TP group
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows; the input is replicated, the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, st: ParallelState, *, std: float,
+                 seed: int, name: str, full_weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.group = st.tp_group
+        full = normal_full((out_features, in_features), std, seed, name) if full_weight is None else full_weight
+        self.weight = _mark_tp(nn.Parameter(shard(full, 0, st.tp_rank, st.tp)))
+        self.bias = _mark_tp(nn.Parameter(torch.zeros(out_features // st.tp))) if bias else None
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, copy_input: bool = True
+                ) -> torch.Tensor:
+        # copy_input=False when the caller already applied copy_to_tp (two linears reading one input).
+        if copy_input:
+            x = copy_to_tp(x, self.group)
+        w, b = self.weight, self.bias
+        if index is not None:
+            w = w.index_select(0, index)
+            b = None if b is None else b.index_select(0, index)
+        return F.linear(x, w, b)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns; partial outputs are summed over TP, bias added after."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, st: ParallelState, *, std: float,
+                 seed: int, name: str):
+        super().__init__()
+        self.group = st.tp_group
+        full = normal_full((out_features, in_features), std, seed, name)
+        self.weight = _mark_tp(nn.Parameter(shard(full, 1, st.tp_rank, st.tp)))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+        w = self.weight if index is None else self.weight.index_select(1, index)
+        y = F.linear(x, w)
+        if scale != 1.0:  # EST rescale of the sampled sum; the bias stays unscaled
+            y = y * scale
+        y = reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocabulary split over TP ranks."""
+
+    def __init__(self, vocab: int, hidden: int, st: ParallelState, *, std: float, seed: int, name: str):
+        super().__init__()
+        self.group, self.tp = st.tp_group, st.tp
+        self.per_rank = vocab // st.tp
+        self.start = st.tp_rank * self.per_rank
+        self.weight = _mark_tp(nn.Parameter(shard(normal_full((vocab, hidden), std, seed, name), 0,
+                                                  st.tp_rank, st.tp)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)
+
+
+def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState) -> torch.Tensor:
+    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T."""
+    return F.linear(copy_to_tp(h, st.tp_group), weight)

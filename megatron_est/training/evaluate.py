@@ -1,0 +1,25 @@
+"""Validation loss of the full, unscaled model (EST never applies at evaluation)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_est.parallel.state import ParallelState
+from megatron_est.training.batches import MicroBatches
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: MicroBatches, eval_iters: int, st: ParallelState) -> float:
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=st.device)
+    for step in range(eval_iters):
+        for m in range(batches.num_micro):
+            tokens = batches.get(step, m).to(st.device)
+            total += model(tokens[:, :-1], tokens[:, 1:]).float().mean().double()
+    total /= eval_iters * batches.num_micro
+    if st.dp > 1:
+        dist.all_reduce(total, group=st.dp_group)
+        total /= st.dp
+    model.train(was_training)
+    return float(total)

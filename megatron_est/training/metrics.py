@@ -1,0 +1,40 @@
+"""Megatron-style log line on rank 0 and a JSON-lines metrics file."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, TextIO
+
+
+class MetricsLog:
+    def __init__(self, path: Optional[str], enabled: bool, append: bool = False):
+        self.enabled = enabled
+        self.file: Optional[TextIO] = None
+        if enabled and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a" if append else "w")
+
+    def record(self, obj: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(obj) + "\n")
+            self.file.flush()
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def format_train_line(r: dict, train_iters: int) -> str:
+    """The log line, in Megatron's shape, with EST fields appended."""
+    return (f" iteration {r['iteration']:8d}/{train_iters:8d} | consumed samples: {r['consumed_samples']:12d} |"
+            f" elapsed time per iteration (ms): {1000 * r['interval_time_s']:.1f} |"
+            f" learning rate: {r['lr']:.3E} | global batch size: {r['global_batch_size']:5d} |"
+            f" lm loss: {r['lm_loss']:.6E} | grad norm: {r['grad_norm']:.3f} |"
+            f" est stage: {r['est_stage']} | kept layers/heads/mlp: {r['kept_layers']}/"
+            f"{r['kept_heads_frac']:.2f}/{r['kept_mlp_frac']:.2f} |"
+            f" step TFLOP: {r['step_flops'] / 1e12:.4f} (full {r['full_step_flops'] / 1e12:.4f}) |"
+            f" FLOPs saved so far: {100 * r['flops_saved_frac']:.1f}% |")
