@@ -78,7 +78,7 @@ class ParallelConfig:
 
 @dataclass
 class ESTConfig:
-    schedule: str = "none"  # preset name, "none", or "START:pH,pM,pL;START:pH,pM,pL;..."
+    schedule: str = "default"  # preset name, "none", or "START:pH,pM,pL;START:pH,pM,pL;..."
     layer_rescale: bool = False  # scale active residual branches by N_L / k_L
     stratified: bool = True
     # Number of sampling strata for heads/neurons (per layer) and for layers. None: the TP / PP size, which
@@ -200,6 +200,9 @@ def validate(cfg: Config, world_size: int) -> None:
              f"--lr-decay-style: unknown style {tr.lr_decay_style!r} (cosine, linear, constant)")
     _require(tr.eval_interval >= 1 and tr.log_interval >= 1, "--eval-interval and --log-interval must be >= 1")
     _validate_strata(cfg, tp, pp)
+    from megatron_est.est.schedule import parse_schedule  # local: schedule.py imports ConfigError from here
+
+    parse_schedule(est.schedule, tr.train_iters)
 
 
 def _validate_strata(cfg: Config, tp: int, pp: int) -> None:

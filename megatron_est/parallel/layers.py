@@ -16,8 +16,9 @@ from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
 from megatron_est.parallel.state import ParallelState
 
 
-def _mark_tp(p: nn.Parameter) -> nn.Parameter:
+def _mark_tp(p: nn.Parameter, dim: int) -> nn.Parameter:
     p.tensor_parallel = True  # sharded over TP: its gradient norm is summed over the TP group
+    p.partition_dim = dim  # the dimension along which TP shards are concatenated to rebuild the full tensor
     return p
 
 
@@ -29,8 +30,8 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group = st.tp_group
         full = normal_full((out_features, in_features), std, seed, name) if full_weight is None else full_weight
-        self.weight = _mark_tp(nn.Parameter(shard(full, 0, st.tp_rank, st.tp)))
-        self.bias = _mark_tp(nn.Parameter(torch.zeros(out_features // st.tp))) if bias else None
+        self.weight = _mark_tp(nn.Parameter(shard(full, 0, st.tp_rank, st.tp)), 0)
+        self.bias = _mark_tp(nn.Parameter(torch.zeros(out_features // st.tp)), 0) if bias else None
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, copy_input: bool = True
                 ) -> torch.Tensor:
@@ -52,7 +53,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = st.tp_group
         full = normal_full((out_features, in_features), std, seed, name)
-        self.weight = _mark_tp(nn.Parameter(shard(full, 1, st.tp_rank, st.tp)))
+        self.weight = _mark_tp(nn.Parameter(shard(full, 1, st.tp_rank, st.tp)), 1)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
@@ -72,8 +73,8 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.tp = st.tp_group, st.tp
         self.per_rank = vocab // st.tp
         self.start = st.tp_rank * self.per_rank
-        self.weight = _mark_tp(nn.Parameter(shard(normal_full((vocab, hidden), std, seed, name), 0,
-                                                  st.tp_rank, st.tp)))
+        full = normal_full((vocab, hidden), std, seed, name)
+        self.weight = _mark_tp(nn.Parameter(shard(full, 0, st.tp_rank, st.tp)), 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:

@@ -1,0 +1,1 @@
+"""Conversion between megatron_est state dicts and Hugging Face transformers models."""

@@ -1,0 +1,101 @@
+"""Entry point shared by pretrain_gpt.py and pretrain_llama.py: parse, validate, build, train, report."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from megatron_est.arguments import parse_args
+from megatron_est.config import Config, ConfigError, validate
+from megatron_est.est.build import build_sampler
+from megatron_est.model.language_model import LanguageModel
+from megatron_est.parallel import state as pstate
+from megatron_est.training.batches import MicroBatches
+from megatron_est.training.loop import TrainState, train
+from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.optimizer import build_optimizer
+
+
+def fail(msg: str) -> None:
+    """One clear line on stderr (once, from rank 0) and a non-zero exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def build_data(cfg: Config, st: pstate.ParallelState):
+    """Tokenizer plus train/valid datasets; the bundled Shakespeare corpus when --data-path is not given."""
+    from megatron_est.data import corpus, gpt_dataset, tokenizers
+
+    d, tr = cfg.data, cfg.train
+    data_path, tok_model = d.data_path, d.tokenizer_model
+    if not data_path:
+        data_path, default_model = corpus.prepare_default_corpus(d.cache_dir)
+        tok_model = tok_model or default_model
+    tok = tokenizers.build_tokenizer(d.tokenizer_type, tok_model, d.vocab_file, d.merge_file)
+    gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
+    n_samples = (tr.train_iters * gbs, tr.eval_iters * gbs, 0)
+    train_ds, valid_ds, _ = gpt_dataset.build_train_valid_test_datasets(
+        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, os.path.join(d.cache_dir, "index"))
+    return tok, train_ds, valid_ds
+
+
+def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
+    tr = cfg.train
+    tok, train_ds, valid_ds = build_data(cfg, st)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
+    validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
+    gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
+    model = LanguageModel(cfg.model, st, seed=tr.seed).to(st.device)
+    optimizer = build_optimizer(model, tr)
+    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+              f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
+              f"EST schedule: {cfg.est.schedule}")
+    train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
+    valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if len(valid_ds) else None
+    state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log)
+    _summary(state, log)
+    log.close()
+    return state
+
+
+def _summary(state: TrainState, log: MetricsLog) -> None:
+    train_recs = [r for r in state.history if "lm_loss" in r]
+    val_recs = [r for r in state.history if "val_loss" in r]
+    saved = 1.0 - state.cumulative_flops / max(1, state.full_cumulative_flops)
+    log.print("=" * 100)
+    log.print(f" done: {state.iteration} iterations | final train loss: {train_recs[-1]['lm_loss']:.4f} | "
+              f"final validation loss: {val_recs[-1]['val_loss'] if val_recs else float('nan'):.4f} | "
+              f"training FLOPs: {state.cumulative_flops:.3e} vs full model {state.full_cumulative_flops:.3e} "
+              f"({100 * saved:.1f}% saved)")
+    log.print("=" * 100)
+
+
+def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
+         description: str = "Pretrain a language model with Evolving Subnetwork Training") -> TrainState:
+    from megatron_est.data.errors import DataError
+
+    try:
+        cfg = parse_args(argv, description, default_preset)
+        _, world, _ = pstate.env_rank_and_world()
+        validate(cfg, world)
+        if cfg.parallel.pipeline_model_parallel_size > 1:
+            raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet")
+    except ConfigError as e:
+        fail(str(e))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)
+    st = pstate.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                           cfg.parallel.distributed_backend)
+    try:
+        return run(cfg, st)
+    except (ConfigError, DataError) as e:
+        fail(str(e))
+    finally:
+        pstate.destroy()
