@@ -92,10 +92,10 @@ class ESTConfig:
 class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: Optional[int] = None  # None: micro * data-parallel size
-    train_iters: int = 200
+    train_iters: int = 300
     lr: float = 1e-3
     min_lr: float = 1e-4
-    lr_warmup_iters: int = 20
+    lr_warmup_iters: int = 30
     lr_decay_iters: Optional[int] = None  # None: train_iters
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1
@@ -105,7 +105,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     log_interval: int = 10
-    eval_interval: int = 50
+    eval_interval: int = 100
     eval_iters: int = 10
     metrics_file: Optional[str] = None
     num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU

@@ -28,18 +28,19 @@ def fail(msg: str) -> None:
 
 def build_data(cfg: Config, st: pstate.ParallelState):
     """Tokenizer plus train/valid datasets; the bundled Shakespeare corpus when --data-path is not given."""
-    from megatron_est.data import corpus, gpt_dataset, tokenizers
+    from megatron_est.data import builder, default_corpus, tokenizers
 
     d, tr = cfg.data, cfg.train
     data_path, tok_model = d.data_path, d.tokenizer_model
     if not data_path:
-        data_path, default_model = corpus.prepare_default_corpus(d.cache_dir)
+        data_path, default_model = default_corpus.prepare_default_corpus(d.cache_dir)
         tok_model = tok_model or default_model
     tok = tokenizers.build_tokenizer(d.tokenizer_type, tok_model, d.vocab_file, d.merge_file)
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     n_samples = (tr.train_iters * gbs, tr.eval_iters * gbs, 0)
-    train_ds, valid_ds, _ = gpt_dataset.build_train_valid_test_datasets(
-        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, os.path.join(d.cache_dir, "index"))
+    train_ds, valid_ds, _ = builder.build_train_valid_test_datasets(
+        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, os.path.join(d.cache_dir, "index"),
+        vocab_size=tok.vocab_size)
     return tok, train_ds, valid_ds
 
 
@@ -57,7 +58,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
               f"EST schedule: {cfg.est.schedule}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
-    valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if len(valid_ds) else None
+    valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
     state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log)
     _summary(state, log)
     log.close()
