@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -67,6 +69,10 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: worker processes are the unit of parallelism in preprocessing.
+        return self._sp.encode(texts, out_type=int, num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(_check_ids(ids, self.vocab_size))
