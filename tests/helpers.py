@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from megatron_est.config import ModelConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny(family: str, **kw) -> ModelConfig:
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=250,
