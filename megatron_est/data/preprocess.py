@@ -82,7 +82,7 @@ def load_documents(paths: list[str], json_keys: Sequence[str], text_sample_by: s
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as one DataError line
     parts = []
     for path in paths:
         fmt = input_format(path)
@@ -100,7 +100,9 @@ def load_documents(paths: list[str], json_keys: Sequence[str], text_sample_by: s
                 ds = datasets.load_dataset(fmt, data_files=[path], split="train", cache_dir=hf_cache_dir)
         except DataError:
             raise
-        except Exception as e:  # datasets raises many types for unreadable files; report the first line
+        except Exception as e:  # datasets wraps the parser's error; the innermost one says what is wrong
+            while e.__cause__ is not None:
+                e = e.__cause__
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DataError(f"--input: cannot read {path}: {first}") from None
         missing = [k for k in json_keys if k not in ds.column_names]
