@@ -105,4 +105,6 @@ def clean_wikitext(text: str) -> str:
         if line.startswith(("{|", "|", "!")):
             continue
         lines.append(line)
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    # Unbalanced markup (literal braces, broken captions) survives the passes above: drop those paragraphs.
+    paragraphs = re.split(r"\n{2,}", "\n".join(lines))
+    return "\n\n".join(p.strip() for p in paragraphs if p.strip() and not re.search(r"\{\{|\}\}|\[\[|\]\]", p))

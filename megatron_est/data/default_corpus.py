@@ -16,7 +16,7 @@ from .indexed_dataset import data_file_path, index_file_path
 from .preprocess import output_prefix_for, preprocess
 from .tokenizers import train_sentencepiece
 
-FORMAT = "v1"  # bump when the recipe below changes, so old caches are not reused
+FORMAT = "v2"  # bump when the recipe below changes, so old caches are not reused
 DEFAULT_WEIGHTS = (0.7, 0.3)  # Shakespeare, Wikipedia
 
 
