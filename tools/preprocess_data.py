@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
-    g.add_argument("--batch-size", type=int, default=64, help="documents per worker task")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="documents per worker task (fewer when they exceed about 1 MB of text)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

@@ -140,9 +140,21 @@ def _encode_batch(batch: dict[str, list], keys: Sequence[str], append_eod: bool,
     return out
 
 
-def _batches(ds, batch_size: int) -> Iterator[dict[str, list]]:
+def _batches(ds, batch_size: int, keys: Sequence[str], max_chars: int = 1 << 20) -> Iterator[dict[str, list]]:
+    """Up to batch_size documents and about max_chars characters per batch: long documents (whole books) come
+    in small batches, so the work spreads evenly over the workers."""
     for start in range(0, len(ds), batch_size):
-        yield ds[start:start + batch_size]
+        block = ds[start:start + batch_size]
+        sizes = np.zeros(len(block[keys[0]]), dtype=np.int64)
+        for key in keys:
+            sizes += [len(t) if isinstance(t, str) else 0 for t in block[key]]
+        lo, total = 0, 0
+        for i, n in enumerate(sizes):
+            if total and total + n > max_chars:
+                yield {k: v[lo:i] for k, v in block.items()}
+                lo, total = i, 0
+            total += n
+        yield {k: v[lo:] for k, v in block.items()}
 
 
 def _encoded_batches(ds, batch_size: int, workers: int, tokenizer: Tokenizer, tokenizer_args: dict, keys,
@@ -151,14 +163,14 @@ def _encoded_batches(ds, batch_size: int, workers: int, tokenizer: Tokenizer, to
     global _worker_tokenizer
     if workers <= 1:
         _worker_tokenizer = tokenizer  # in this process: no pool to start
-        for batch in _batches(ds, batch_size):
+        for batch in _batches(ds, batch_size, keys):
             yield _encode_batch(batch, keys, append_eod, dtype)
         return
     # spawn, not fork: the caller may be a training process whose threads make fork unsafe.
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_args,)) as pool:
         pending: collections.deque = collections.deque()
-        for batch in _batches(ds, batch_size):
+        for batch in _batches(ds, batch_size, keys):
             pending.append(pool.apply_async(_encode_batch, (batch, keys, append_eod, dtype)))
             if len(pending) >= 4 * workers:
                 yield pending.popleft().get()
@@ -176,7 +188,7 @@ def preprocess(
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
-    batch_size: int = 64,
+    batch_size: int = 256,
     text_sample_by: str = "document",
     progress: bool = True,
 ) -> PreprocessResult:

@@ -148,3 +148,14 @@ def test_interrupted_run_leaves_no_file(inputs, sp_model, tmp_path, monkeypatch)
         pp.preprocess(inputs["docs.jsonl"], str(tmp_path / "out"), "SentencePieceTokenizer",
                       tokenizer_model=sp_model, batch_size=4, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_batches_split_long_documents_and_keep_order():
+    import datasets
+
+    texts = ["x" * n for n in (5, 50, 3, 3, 3, 80, 1, 0, 7)]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    batches = list(pp._batches(ds, 4, ["text"], max_chars=10))
+    assert [t for b in batches for t in b["text"]] == texts
+    assert all(len(b["text"]) <= 4 for b in batches)
+    assert all(sum(map(len, b["text"])) <= 10 or len(b["text"]) == 1 for b in batches)
