@@ -25,7 +25,7 @@ import torch
 from .errors import DataError
 from .indexed_dataset import IndexedDataset, index_file_path
 
-INDEX_FORMAT = 1  # bump when the index construction changes, to invalidate old caches
+INDEX_FORMAT = 2  # bump when the index construction changes, to invalidate old caches
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,7 @@ class SampleIndexSpec:
     """Everything the indices depend on; its hash names the cache entry."""
 
     prefix: str
-    index_size: int
-    index_mtime_ns: int
+    index_fingerprint: str
     split_name: str
     first_sequence: int
     end_sequence: int
@@ -44,7 +43,8 @@ class SampleIndexSpec:
     format: int = INDEX_FORMAT
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        # Not the path: the indices depend only on the .idx content, and nodes may mount data at other paths.
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "prefix"}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -80,10 +80,19 @@ def build_shuffle_index(num_samples: int, last_epoch_start: int, rng: np.random.
     return np.concatenate([head, tail]).astype(np.int64)
 
 
-def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+def index_fingerprint(path: str, edge: int = 1 << 20) -> str:
+    """A content hash of a .idx: its size, first and last MiB (the header, sequence lengths, document index).
+
+    The sample indices depend only on the .idx, and content (unlike mtime) is the same for every node that
+    sees the file, even if each rebuilt it."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            h.update(f.read())
+    return h.hexdigest()[:32]
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -113,9 +122,8 @@ class GPTDataset(torch.utils.data.Dataset):
                 f"documents, too few for {num_samples} samples (check --split)"
             )
         num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-        stat = os.stat(index_file_path(indexed.prefix))
         self.spec = SampleIndexSpec(
-            os.path.abspath(indexed.prefix), stat.st_size, stat.st_mtime_ns, split_name, first, end,
+            os.path.abspath(indexed.prefix), index_fingerprint(index_file_path(indexed.prefix)), split_name, first, end,
             seq_length, seed, num_epochs,
         )
         self.cache_path = None if cache_dir is None else os.path.join(

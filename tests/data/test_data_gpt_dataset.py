@@ -83,6 +83,25 @@ def test_cache_is_built_once_and_reused(tmp_path):
         GPTDataset(IndexedDataset(prefix), "train", (0, 40), 16, 3, 100, cache, build=False)
 
 
+def test_failed_cache_write_leaves_no_entry(tmp_path, monkeypatch):
+    prefix, _ = _unique_token_dataset(str(tmp_path / "u"))
+    cache = tmp_path / "cache"
+    real_save, calls = np.save, []
+
+    def failing_save(path, arr):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(path, arr)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        GPTDataset(IndexedDataset(prefix), "train", (0, 40), 16, 1, 100, str(cache))
+    assert os.listdir(cache) == []  # neither a half entry nor its temporary directory
+    monkeypatch.setattr(np, "save", real_save)
+    assert GPTDataset(IndexedDataset(prefix), "train", (0, 40), 16, 1, 100, str(cache)).built_here
+
+
 def test_split_ranges():
     assert split_document_ranges(1000, parse_split("969,30,1")) == [(0, 969), (969, 999), (999, 1000)]
     # Small corpora still get a validation and a test document; a zero-weight split gets none.

@@ -87,3 +87,20 @@ def test_bad_tokenizer_input(tmp_path, gpt2_tokenizer, sp_tokenizer):
     assert not (tmp_path / "x.model").exists()
     for err in (DataError("a\nb"),):
         assert "\n" not in str(err)
+
+
+def test_train_tokenizer_cli(tmp_path):
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                        "train_tokenizer.py")
+    files = ",".join(shakespeare_files()[:2])
+    ok = subprocess.run([sys.executable, tool, "--input", files, "--model-prefix", str(tmp_path / "t"),
+                         "--vocab-size", "600"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "t.model")).vocab_size == 600
+    bad = subprocess.run([sys.executable, tool, "--input", str(tmp_path / "none.txt"), "--model-prefix",
+                          str(tmp_path / "u")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "none.txt" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "u.model").exists()
