@@ -15,9 +15,9 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig) -> torch.optim.Adam
         if p.requires_grad:
             (no_decay if p.ndim == 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
-                             fused=fused or None)
+    # Fused kernels on GPU; the multi-tensor (foreach) path on CPU, where the default is a per-tensor loop.
+    impl = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, **impl)
 
 
 def learning_rate(tr: TrainConfig, iteration: int) -> float:
