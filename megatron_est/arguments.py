@@ -10,11 +10,15 @@ import dataclasses
 import typing
 from typing import Optional
 
-from megatron_est.config import (MODEL_PRESETS, Config, ConfigError, DataConfig, ESTConfig, ModelConfig,
-                                 ParallelConfig, TrainConfig, model_preset)
+from megatron_est.config import (MODEL_PRESETS, CheckpointConfig, Config, ConfigError, DataConfig,
+                                 EngineConfig, ESTConfig, ModelConfig, ParallelConfig, TrainConfig,
+                                 model_preset)
 
 _SECTIONS = (("model", ModelConfig, ""), ("parallel", ParallelConfig, ""), ("est", ESTConfig, "est-"),
-             ("train", TrainConfig, ""), ("data", DataConfig, ""))
+             ("train", TrainConfig, ""), ("data", DataConfig, ""), ("checkpoint", CheckpointConfig, ""),
+             ("engine", EngineConfig, ""))
+# Extra spellings users bring from elsewhere (DeepSpeed writes --deepspeed_config with an underscore).
+_ALIASES = {("engine", "deepspeed_config"): ("deepspeed_config",)}
 # Megatron spells a few flags differently from our field names.
 _FLAG_NAMES = {("model", "family"): "model-family", ("data", "cache_dir"): "data-cache-dir",
                ("parallel", "data_parallel_size"): None}  # None: derived, not a flag
@@ -51,7 +55,8 @@ def build_parser(description: str, default_preset: str) -> argparse.ArgumentPars
             if flag is None:
                 continue
             _, kw = _arg_type(hints[f.name])
-            grp.add_argument("--" + flag, dest=f"{section}.{f.name}", help=_HELP.get((section, f.name)), **kw)
+            names = ["--" + flag] + ["--" + a for a in _ALIASES.get((section, f.name), ())]
+            grp.add_argument(*names, dest=f"{section}.{f.name}", help=_HELP.get((section, f.name)), **kw)
     return p
 
 
@@ -63,7 +68,8 @@ def config_from_args(ns: argparse.Namespace) -> Config:
             given[section][name] = value
     model = model_preset(ns.model_preset, **given["model"])
     return Config(model=model, parallel=ParallelConfig(**given["parallel"]), est=ESTConfig(**given["est"]),
-                  train=TrainConfig(**given["train"]), data=DataConfig(**given["data"]))
+                  train=TrainConfig(**given["train"]), data=DataConfig(**given["data"]),
+                  checkpoint=CheckpointConfig(**given["checkpoint"]), engine=EngineConfig(**given["engine"]))
 
 
 def parse_args(argv: Optional[list[str]], description: str, default_preset: str) -> Config:

@@ -123,12 +123,57 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory for checkpoints (one iter_XXXXXXX/ per save)
+    load: Optional[str] = None  # directory to resume from (its latest_checkpointed_iteration.txt)
+    save_interval: Optional[int] = None  # save every N iterations (and at the end of training)
+    keep_last: Optional[int] = None  # keep only the newest N checkpoints under --save
+    exit_signal_handler: bool = False  # on SIGTERM: save at the end of the current step, then exit cleanly
+    exit_interval: Optional[int] = None  # save (with --save) and exit after an iteration divisible by N
+    no_load_optim: bool = False  # load model weights only (fresh optimizer and loss scaler)
+    no_load_rng: bool = False  # do not restore the RNG streams
+    finetune: bool = False  # load weights only and start at iteration 0 (implies --no-load-optim/--no-load-rng)
+
+
+@dataclass
+class EngineConfig:
+    # Mixed precision (both engines): compute in bf16/fp16, fp32 master weights and optimizer state.
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: Optional[float] = None  # fp16: a static loss scale; None: dynamic loss scaling
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000  # grow the scale after this many steps without overflow
+    hysteresis: int = 2  # overflowing steps tolerated before the scale shrinks
+    # Activation recompute of the sampled subnetwork: "full" (whole layers) or "selective" (core attention).
+    recompute_activations: bool = False  # Megatron's shorthand for --recompute-granularity selective
+    recompute_granularity: Optional[str] = None
+    recompute_num_layers: Optional[int] = None  # full: recompute only the first N layers of each stage
+    # DeepSpeed ZeRO as the memory engine (imported only when asked for).
+    deepspeed: bool = False
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON, used as is (batch sizes checked against ours)
+    zero_stage: Optional[int] = None  # without a JSON: the ZeRO stage of the derived config (default 1)
+    offload_optimizer: bool = False  # without a JSON: ZeRO optimizer state (and step) on the CPU
+    use_apex: bool = True  # apex's fused norms/Adam when importable on GPU, torch-native otherwise
+
+    def __post_init__(self) -> None:
+        if self.recompute_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "selective"
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     est: ESTConfig = field(default_factory=ESTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 # ---------------------------------------------------------------------------------------------- presets

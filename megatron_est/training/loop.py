@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,10 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: l
 
 def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch.optim.Optimizer,
           sampler: SubnetworkSampler, train_batches: MicroBatches, valid_batches: Optional[MicroBatches],
-          state: Optional[TrainState] = None, log: Optional[MetricsLog] = None) -> TrainState:
+          state: Optional[TrainState] = None, log: Optional[MetricsLog] = None,
+          after_step: Optional[Callable[[TrainState], bool]] = None) -> TrainState:
+    """Train from state.iteration to --train-iters. after_step(state), called on every rank after each
+    step (checkpointing, exit signals), returns True to stop early."""
     tr, m = cfg.train, cfg.model
     state = state or TrainState()
     log = log or MetricsLog(tr.metrics_file, enabled=st.rank == 0)
@@ -109,4 +112,6 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
             log.record(rec)
             state.history.append(rec)
             interval_start += time.perf_counter() - t_eval  # evaluation is not training time
+        if after_step is not None and after_step(state):
+            break
     return state

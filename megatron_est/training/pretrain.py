@@ -14,6 +14,7 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
+from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
 from megatron_est.training.loop import TrainState, train
 from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
@@ -49,17 +50,21 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     tok, train_ds, valid_ds = build_data(cfg, st)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
     validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
+    resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     model = LanguageModel(cfg.model, st, seed=tr.seed).to(st.device)
     optimizer = build_optimizer(model, tr)
-    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0)
+    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
               f"EST schedule: {cfg.est.schedule}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
-    state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log)
+    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume)
+    state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log,
+                  state=state, after_step=ckpt.after_step)
+    ckpt.close()
     _summary(state, log)
     log.close()
     return state
@@ -70,7 +75,7 @@ def _summary(state: TrainState, log: MetricsLog) -> None:
     val_recs = [r for r in state.history if "val_loss" in r]
     saved = 1.0 - state.cumulative_flops / max(1, state.full_cumulative_flops)
     log.print("=" * 100)
-    log.print(f" done: {state.iteration} iterations | final train loss: {train_recs[-1]['lm_loss']:.4f} | "
+    log.print(f" done: {state.iteration} iterations | final train loss: {train_recs[-1]['lm_loss'] if train_recs else float('nan'):.4f} | "
               f"final validation loss: {val_recs[-1]['val_loss'] if val_recs else float('nan'):.4f} | "
               f"training FLOPs: {state.cumulative_flops:.3e} vs full model {state.full_cumulative_flops:.3e} "
               f"({100 * saved:.1f}% saved)")

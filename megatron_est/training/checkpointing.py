@@ -1,0 +1,469 @@
+"""Checkpoints that resume exactly: Megatron's directory layout, atomic writes, a latest pointer, pruning.
+
+Layout under --save (plain torch engine):
+
+    latest_checkpointed_iteration.txt      the newest complete checkpoint's iteration (written last)
+    iter_0000100/
+        metadata.json                      model shape, parallel layout, engine: checked before --load
+        mp_rank_00/model_optim_rng.pt      one file per tensor-parallel rank (PP=1) ...
+        mp_rank_01_003/model_optim_rng.pt  ... or per (tensor, pipeline) rank when PP > 1
+
+Under the DeepSpeed engine iter_XXXXXXX/ holds DeepSpeed's own files (engine.save_checkpoint with the tag
+iter_XXXXXXX) plus our est_state_mp_rank_XX[_YYY].pt, and a DeepSpeed `latest` file is kept beside ours.
+
+Each shard holds the model, the optimizer, the LR schedule, the iteration and consumed samples, the data
+position, the fp16 loss scaler, and every rank's RNG streams (python, numpy, torch, CUDA) gathered over the
+data-parallel group. The EST subnetwork of a step is a pure function of (seed, iteration), so restoring the
+iteration restores the EST schedule.
+
+Atomicity: every save goes to a hidden temporary directory that is renamed into place once all ranks have
+written; the latest pointer is replaced (write, fsync, rename) only after that. A process killed at any moment
+therefore leaves the previous checkpoint and the pointer to it intact; leftovers of an interrupted save are
+removed by the next save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_est.config import Config, ConfigError
+from megatron_est.parallel.state import ParallelState
+from megatron_est.training.optimizer import learning_rate
+
+CHECKPOINT_VERSION = 1
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "metadata.json"
+SHARD_FILE = "model_optim_rng.pt"
+_TMP_PREFIX = ".tmp."
+_OLD_PREFIX = ".old."
+
+# Model fields that fix the shapes of the weights, with the flag that sets each.
+_SHAPE_FIELDS = {"family": "--model-family", "num_layers": "--num-layers", "hidden_size": "--hidden-size",
+                 "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+                 "ffn_hidden_size": "--ffn-hidden-size", "vocab_size": "--vocab-size (the tokenizer)",
+                 "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+                 "max_position_embeddings": "--max-position-embeddings", "normalization": "--normalization",
+                 "activation": "--activation", "position_embedding": "--position-embedding",
+                 "add_bias": "--add-bias", "tie_embeddings": "--tie-embeddings"}
+
+
+# ---------------------------------------------------------------------------------------------- names
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def shard_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    return os.path.join(root, iter_dir_name(iteration), shard_dir_name(tp_rank, pp_rank, pp), SHARD_FILE)
+
+
+def est_state_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Our extra state next to a DeepSpeed checkpoint."""
+    return os.path.join(root, iter_dir_name(iteration), f"est_state_{shard_dir_name(tp_rank, pp_rank, pp)}.pt")
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration the latest pointer names, or None when there is no pointer."""
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--load {root}: {LATEST_FILE} holds {text!r}, not an iteration number") from None
+
+
+def read_metadata(root: str, iteration: int) -> dict:
+    path = os.path.join(root, iter_dir_name(iteration), METADATA_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--load {root}: {LATEST_FILE} names iteration {iteration} but {path} is missing "
+                          "(incomplete or foreign checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--load {root}: {path} is not valid JSON ({e.msg})") from None
+
+
+# --------------------------------------------------------------------------------------------- atomic io
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: str) -> None:
+    """torch.save to a temporary name in the same directory, fsync, rename (tests patch this to kill a save)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+def get_rng_state() -> dict:
+    """Every RNG stream of this process, as tensors and plain Python values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"random": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state(), "cuda": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng(st: ParallelState) -> list:
+    """RNG states of all data-parallel ranks of this (tensor, pipeline) position, indexed by dp rank."""
+    mine = get_rng_state()
+    if st.dp == 1:
+        return [mine]
+    out: list = [None] * st.dp
+    dist.all_gather_object(out, mine, group=st.dp_group)
+    return out
+
+
+# -------------------------------------------------------------------------------------- what we check
+def config_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parallel_layout(cfg: Config) -> dict:
+    par = dataclasses.asdict(cfg.parallel)
+    for k in ("data_parallel_size", "distributed_backend"):
+        par.pop(k, None)
+    return par
+
+
+def _metadata(cfg: Config, st: ParallelState, iteration: int, gbs: int, engine: str) -> dict:
+    return {"format": "megatron_est", "checkpoint_version": CHECKPOINT_VERSION, "engine": engine,
+            "iteration": iteration, "consumed_samples": iteration * gbs, "global_batch_size": gbs,
+            "model": dataclasses.asdict(cfg.model), "parallel": {**_parallel_layout(cfg), "data_parallel_size": st.dp},
+            "zero_stage": _zero_stage(cfg) if engine == "deepspeed" else None,
+            "precision": cfg.engine.precision, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _zero_stage(cfg: Config) -> Optional[int]:
+    return getattr(cfg.engine, "resolved_zero_stage", None) or cfg.engine.zero_stage
+
+
+def resolve_load(cfg: Config) -> Optional[tuple[str, int]]:
+    """(directory, iteration) to resume from, None to start fresh; refuses a missing or mismatched checkpoint.
+
+    Pure file reads, the same on every rank: call it before building anything. --load equal to --save with
+    no checkpoint yet is a fresh start (the auto-resume pattern of preemptible jobs); any other --load that
+    holds no checkpoint is refused.
+    """
+    ck = cfg.checkpoint
+    if not ck.load:
+        return None
+    root = ck.load
+    same_as_save = ck.save is not None and os.path.abspath(ck.save) == os.path.abspath(root)
+    iteration = read_latest_iteration(root) if os.path.isdir(root) else None
+    if iteration is None:
+        if same_as_save:
+            return None
+        what = "does not exist" if not os.path.isdir(root) else f"holds no {LATEST_FILE}"
+        raise ConfigError(f"--load {root}: {what} (no checkpoint to load)")
+    meta = read_metadata(root, iteration)
+    check_compatible(cfg, meta, root)
+    return root, iteration
+
+
+def check_compatible(cfg: Config, meta: dict, root: str) -> None:
+    """One line naming the first difference in model shape, parallel layout or engine."""
+    if meta.get("format") != "megatron_est":
+        raise ConfigError(f"--load {root}: not a megatron_est checkpoint (metadata format {meta.get('format')!r})")
+    saved_model, ours = meta["model"], dataclasses.asdict(cfg.model)
+    for key, flag in _SHAPE_FIELDS.items():
+        if key in saved_model and saved_model[key] != ours.get(key):
+            raise ConfigError(f"--load {root}: checkpoint has {flag} {saved_model[key]}, this run "
+                              f"{ours.get(key)} (model shape differs)")
+    if cfg.checkpoint.finetune:
+        pass  # weights only: still the same parallel layout (shards are per TP/PP rank)
+    saved_par = meta["parallel"]
+    for key, value in _parallel_layout(cfg).items():
+        if key in saved_par and saved_par[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"--load {root}: checkpoint was saved with {flag} {saved_par[key]}, this run uses "
+                              f"{value} (merge or re-shard it with tools/convert_checkpoint.py)")
+    engine = "deepspeed" if cfg.engine.deepspeed else "torch"
+    saved_engine = meta.get("engine", "torch")
+    if saved_engine != engine and not (saved_engine == "torch" and meta.get("weights_only")):
+        raise ConfigError(f"--load {root}: checkpoint was written by the {saved_engine} engine, this run uses the "
+                          f"{engine} engine (export it with tools/convert_checkpoint.py and import it)")
+    if engine == "deepspeed" and not meta.get("weights_only"):
+        if meta.get("parallel", {}).get("data_parallel_size") != _current_dp(cfg):
+            raise ConfigError(f"--load {root}: DeepSpeed ZeRO checkpoint saved at data-parallel size "
+                              f"{meta['parallel'].get('data_parallel_size')}, this run has {_current_dp(cfg)}")
+    gbs = meta.get("global_batch_size")
+    ours_gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * _current_dp(cfg)
+    if gbs is not None and gbs != ours_gbs and not cfg.checkpoint.finetune and not meta.get("weights_only"):
+        raise ConfigError(f"--load {root}: checkpoint was trained with --global-batch-size {gbs}, this run uses "
+                          f"{ours_gbs} (the data position would not resume; use --finetune to restart)")
+
+
+def _current_dp(cfg: Config) -> int:
+    par = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    return max(1, world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size))
+
+
+# ------------------------------------------------------------------------------------------ checkpointer
+class Checkpointer:
+    """Saves and loads this rank's part of a checkpoint; decides after each step whether to save or stop.
+
+    `engine` is a DeepSpeed engine under --deepspeed (its own checkpoint format), else None. `scaler` is an
+    object with state_dict()/load_state_dict() (the fp16 loss scaler) or None.
+    """
+
+    def __init__(self, cfg: Config, st: ParallelState, model: torch.nn.Module, optimizer, *, gbs: int,
+                 scaler=None, engine=None, signal_handler=None, log=None):
+        self.cfg, self.st, self.model, self.optimizer = cfg, st, model, optimizer
+        self.gbs, self.scaler, self.engine, self.log = gbs, scaler, engine, log
+        self.signal_handler = signal_handler
+        self.last_saved: Optional[int] = None
+        self.exit_reason: Optional[str] = None
+
+    def close(self) -> None:
+        if self.signal_handler is not None:
+            self.signal_handler.restore()
+
+    # ------------------------------------------------------------------------------------------- policy
+    def after_step(self, state) -> bool:
+        """Called on every rank after each step; returns True when training must stop now."""
+        ck, it = self.cfg.checkpoint, state.iteration
+        save = bool(ck.save_interval and it % ck.save_interval == 0) or it == self.cfg.train.train_iters
+        stop = False
+        if self.signal_handler is not None and self.signal_handler.any_received(self.st.device):
+            save, stop, self.exit_reason = True, True, "exit signal"
+        if ck.exit_interval and it % ck.exit_interval == 0 and it < self.cfg.train.train_iters:
+            save, stop, self.exit_reason = True, True, f"--exit-interval {ck.exit_interval}"
+        if save and ck.save and self.last_saved != it:
+            self.save(state)
+        if stop and self.log is not None:
+            self.log.print(f" exiting at iteration {it} ({self.exit_reason})")
+        return stop
+
+    # --------------------------------------------------------------------------------------------- save
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _payload(self, state) -> dict:
+        cfg, st, it = self.cfg, self.st, state.iteration
+        tr = cfg.train
+        first = getattr(getattr(self.model, "decoder", None), "first", 0)
+        n_local = len(getattr(getattr(self.model, "decoder", None), "layers", []))
+        return {
+            "checkpoint_version": CHECKPOINT_VERSION, "format": "megatron_est", "iteration": it,
+            "consumed_samples": it * self.gbs, "args": config_dict(cfg),
+            "opt_param_scheduler": {"num_steps": it, "lr": learning_rate(tr, max(0, it - 1)), "max_lr": tr.lr,
+                                    "min_lr": tr.min_lr, "warmup_iters": tr.lr_warmup_iters,
+                                    "decay_iters": tr.lr_decay_iters or tr.train_iters,
+                                    "decay_style": tr.lr_decay_style},
+            "data_loader": {"consumed_samples": it * self.gbs, "global_batch_size": self.gbs,
+                            "micro_batch_size": tr.micro_batch_size, "next_step": it},
+            "train_state": {"cumulative_flops": int(state.cumulative_flops),
+                            "full_cumulative_flops": int(state.full_cumulative_flops)},
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng_state": _gather_rng(st),
+            "parallel": {"tp": st.tp, "pp": st.pp, "dp": st.dp, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank,
+                         "layer_range": [first, first + n_local],
+                         "partition_dims": {n: int(p.partition_dim) for n, p in self._module().named_parameters()
+                                            if getattr(p, "partition_dim", None) is not None},
+                         "pipeline_duplicates": [n for n, p in self._module().named_parameters()
+                                                 if getattr(p, "pipeline_duplicate", False)]},
+        }
+
+    def _module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.model
+
+    def save(self, state) -> str:
+        """Write the checkpoint of state.iteration; a collective: every rank calls it."""
+        cfg, st, it = self.cfg, self.st, state.iteration
+        root = cfg.checkpoint.save
+        name = iter_dir_name(it)
+        tmp, final = os.path.join(root, _TMP_PREFIX + name), os.path.join(root, name)
+        t0 = time.perf_counter()
+        if st.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            for leftover in os.listdir(root):  # interrupted saves of earlier runs
+                if leftover.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                    shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
+            os.makedirs(tmp)
+        self._barrier()
+        payload = self._payload(state)
+        if self.engine is not None:
+            self._save_deepspeed(tmp, name, payload)
+        elif st.dp_rank == 0:
+            shard_dir = os.path.join(tmp, shard_dir_name(st.tp_rank, st.pp_rank, st.pp))
+            os.makedirs(shard_dir, exist_ok=True)
+            payload["model"] = self.model.state_dict()
+            payload["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
+            _save_file(payload, os.path.join(shard_dir, SHARD_FILE))
+        self._barrier()
+        if st.rank == 0:
+            engine = "deepspeed" if self.engine is not None else "torch"
+            write_text_atomic(os.path.join(tmp, METADATA_FILE),
+                              json.dumps(_metadata(cfg, st, it, self.gbs, engine), indent=1))
+            _fsync_dir(tmp)
+            old = None
+            if os.path.exists(final):  # saving the same iteration again: swap, then drop the old copy
+                old = os.path.join(root, _OLD_PREFIX + name)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_text_atomic(os.path.join(root, LATEST_FILE), str(it))
+            if engine == "deepspeed":
+                write_text_atomic(os.path.join(root, "latest"), name)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune(root)
+        self._barrier()
+        self.last_saved = it
+        if self.log is not None:
+            self.log.print(f" saved checkpoint at iteration {it} to {root} ({time.perf_counter() - t0:.2f} s)")
+        return final
+
+    def _save_deepspeed(self, tmp: str, name: str, payload: dict) -> None:
+        st = self.st
+        self.engine.save_checkpoint(tmp, tag=name, client_state={"megatron_est": True}, save_latest=False)
+        if st.dp_rank == 0:
+            path = os.path.join(tmp, name, f"est_state_{shard_dir_name(st.tp_rank, st.pp_rank, st.pp)}.pt")
+            _save_file(payload, path)
+        self._barrier()
+        if st.rank == 0:  # DeepSpeed wrote tmp/iter_X/...: make tmp itself the iteration directory
+            inner = os.path.join(tmp, name)
+            for entry in os.listdir(inner):
+                os.replace(os.path.join(inner, entry), os.path.join(tmp, entry))
+            os.rmdir(inner)
+
+    def _prune(self, root: str) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        if not keep:
+            return
+        iters = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+        for old in iters[:-keep]:
+            shutil.rmtree(os.path.join(root, iter_dir_name(old)), ignore_errors=True)
+
+    # --------------------------------------------------------------------------------------------- load
+    def load(self, root: str, iteration: int, state_cls):
+        """Restore this rank's part of the checkpoint; returns the TrainState to continue from."""
+        cfg, st = self.cfg, self.st
+        ck = cfg.checkpoint
+        meta = read_metadata(root, iteration)
+        weights_only = bool(meta.get("weights_only"))
+        if self.engine is not None and not weights_only:
+            payload = self._load_deepspeed(root, iteration)
+        else:
+            path = shard_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
+            if not os.path.isfile(path):
+                raise ConfigError(f"--load {root}: shard {path} is missing")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if self.engine is None:  # under DeepSpeed, weights-only checkpoints load before the engine exists
+                load_model_weights(self.model, payload, path)
+            load_optim = not (ck.no_load_optim or ck.finetune) and payload.get("optimizer") is not None
+            if load_optim and self.engine is None:
+                self.optimizer.load_state_dict(payload["optimizer"])
+        if not (ck.no_load_optim or ck.finetune) and self.scaler is not None and payload.get("grad_scaler"):
+            self.scaler.load_state_dict(payload["grad_scaler"])
+        if not (ck.no_load_rng or ck.finetune) and payload.get("rng_state"):
+            states = payload["rng_state"]
+            set_rng_state(states[st.dp_rank if st.dp_rank < len(states) else 0])
+        state = state_cls()
+        if not ck.finetune:
+            state.iteration = int(payload["iteration"])
+            ts = payload.get("train_state") or {}
+            state.cumulative_flops = int(ts.get("cumulative_flops", 0))
+            state.full_cumulative_flops = int(ts.get("full_cumulative_flops", 0))
+        self.last_saved = state.iteration if not ck.finetune else None
+        if self.log is not None:
+            self.log.print(f" loaded checkpoint {root} at iteration {iteration}"
+                           + (" (weights only, starting at iteration 0)" if ck.finetune else ""))
+        return state
+
+    def _load_deepspeed(self, root: str, iteration: int) -> dict:
+        ck, st = self.cfg.checkpoint, self.st
+        name = iter_dir_name(iteration)
+        load_optim = not (ck.no_load_optim or ck.finetune)
+        path, _ = self.engine.load_checkpoint(root, tag=name, load_optimizer_states=load_optim,
+                                              load_lr_scheduler_states=load_optim,
+                                              load_module_only=not load_optim)
+        if path is None:
+            raise ConfigError(f"--load {root}: DeepSpeed could not load {name}")
+        extra = est_state_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
+        return torch.load(extra, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model: torch.nn.Module, payload: dict, path: str) -> None:
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--load: {path} does not fit the model (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+
+
+def load_weights_only(model: torch.nn.Module, root: str, iteration: int, st: ParallelState) -> None:
+    """Model weights of a plain-format checkpoint into this rank's (unwrapped) model."""
+    path = shard_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--load {root}: shard {path} is missing")
+    load_model_weights(model, torch.load(path, map_location="cpu", weights_only=True), path)
+
+
+def setup_checkpointing(cfg: Config, st: ParallelState, model: torch.nn.Module, optimizer, gbs: int, log,
+                        resume: Optional[tuple[str, int]], *, scaler=None, engine=None):
+    """The Checkpointer for a run (with the exit-signal handler installed when asked for) and the TrainState to
+    start from: loaded from `resume` (see resolve_load) or fresh."""
+    from megatron_est.training.loop import TrainState
+    from megatron_est.training.signals import ExitSignalHandler
+
+    handler = ExitSignalHandler().__enter__() if cfg.checkpoint.exit_signal_handler else None
+    ckpt = Checkpointer(cfg, st, model, optimizer, gbs=gbs, scaler=scaler, engine=engine, signal_handler=handler,
+                        log=log)
+    state = ckpt.load(*resume, TrainState) if resume is not None else TrainState()
+    return ckpt, state

@@ -1,0 +1,79 @@
+"""A small training run on random tokens for engine, precision and checkpoint tests (one call per phase)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron_est.config import (CheckpointConfig, Config, EngineConfig, ESTConfig, ParallelConfig, TrainConfig)
+from megatron_est.est.build import build_sampler
+from megatron_est.parallel.state import ParallelState, build_groups
+from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
+from megatron_est.training.loop import train
+from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.optimizer import build_optimizer
+from tests.helpers import tiny
+
+# Crosses all three EST stages in 8 iterations: all dimensions sampled, then heads/neurons, then the full model.
+EST_SCHEDULE = "0:0.5,0.5,0.5;3:0.5,0.5,1;6:1,1,1"
+
+
+def make_cfg(family: str = "gpt2", tp: int = 1, pp: int = 1, iters: int = 8, gbs: int = 8, mbs: int = 2,
+             schedule: str = EST_SCHEDULE, checkpoint: Optional[dict] = None, engine: Optional[dict] = None,
+             **model_kw) -> Config:
+    model = tiny(family, **{"num_layers": 4, **model_kw})
+    # Fixed strata so that every parallel layout draws the same subnetworks.
+    est = ESTConfig(schedule=schedule, tp_strata=2, pp_strata=2)
+    tr = TrainConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters, lr=3e-3, min_lr=3e-4,
+                     lr_warmup_iters=2, log_interval=1, eval_interval=10 ** 6, seed=11)
+    return Config(model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                       pipeline_model_parallel_size=pp),
+                  est=est, train=tr, checkpoint=CheckpointConfig(**(checkpoint or {})),
+                  engine=EngineConfig(**(engine or {})))
+
+
+def with_checkpoint(cfg: Config, **kw) -> Config:
+    return dataclasses.replace(cfg, checkpoint=CheckpointConfig(**kw))
+
+
+def parallel_state(rank: int, world: int, cfg: Config) -> ParallelState:
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    st = ParallelState(world, rank, tp, pp, world // (tp * pp))
+    return build_groups(st) if world > 1 else st
+
+
+def build_model(cfg: Config, st: ParallelState):
+    try:
+        from megatron_est.model.build import build_model as _build
+    except ImportError:  # before pipeline parallelism existed
+        from megatron_est.model.language_model import LanguageModel
+
+        return LanguageModel(cfg.model, st, seed=cfg.train.seed)
+    return _build(cfg, st)
+
+
+def dataset(cfg: Config) -> RandomTokens:
+    return RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=512, seed=5)
+
+
+def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
+    """Train with the plain torch engine (resuming from --load when set); per-iteration losses and the end."""
+    resume = resolve_load(cfg)
+    model = build_model(cfg, st)
+    optimizer = build_optimizer(model, cfg.train)
+    gbs = cfg.train.global_batch_size
+    batches = MicroBatches(dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
+    log = MetricsLog(None, enabled=False)
+    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume)
+    start = state.iteration
+    if hooks is not None:
+        hooks(model=model, batches=batches, ckpt=ckpt)
+    try:
+        state = train(cfg, st, model, optimizer, build_sampler(cfg), batches, None, state=state, log=log,
+                      after_step=ckpt.after_step)
+    finally:
+        ckpt.close()
+    losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
+    return {"start": start, "end": state.iteration, "losses": losses, "rand": torch.rand(3)}
