@@ -73,6 +73,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     data_parallel_size: int = 1  # derived from the world size at launch
+    # Uneven pipeline: layers on the first / last stage (None: an even share); the rest split evenly.
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
     distributed_backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
 
 
@@ -229,8 +232,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(m.padded_vocab_size % tp == 0,
              f"padded vocabulary {m.padded_vocab_size} is not divisible by --tensor-model-parallel-size {tp} "
              "(raise --make-vocab-size-divisible-by)")
-    _require(m.num_layers % pp == 0,
-             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    stage_ranges(cfg)  # refuses a layer count that does not split over the stages
     _require(m.seq_length <= m.max_position_embeddings,
              f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     _require(m.position_embedding != "rope" or m.head_dim % 2 == 0, "rotary embeddings need an even head size")
@@ -257,7 +259,22 @@ def _validate_strata(cfg: Config, tp: int, pp: int) -> None:
     _require(m.ffn_hidden_size % hs == 0, f"--est-tp-strata {hs} does not divide --ffn-hidden-size")
     _require(m.queries_per_group > 1 or m.num_attention_heads % hs == 0,
              f"--est-tp-strata {hs} does not divide --num-attention-heads {m.num_attention_heads}")
+    from megatron_est.parallel.partition import is_even
+
+    if not is_even(stage_ranges(cfg)):  # uneven stages: the layer strata are the stages themselves
+        _require(est.pp_strata in (None, pp), f"--est-pp-strata {est.pp_strata} must be unset (or {pp}) with "
+                 "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers")
+        return
     ls = est.pp_strata or pp
     _require(ls % pp == 0 and m.num_layers % ls == 0,
              f"--est-pp-strata {ls} must be a multiple of --pipeline-model-parallel-size {pp} and divide "
              f"--num-layers {m.num_layers}")
+
+
+def stage_ranges(cfg: Config) -> tuple[tuple[int, int], ...]:
+    """[start, end) layer range of every pipeline stage (ConfigError when the layers do not split)."""
+    from megatron_est.parallel.partition import stage_layer_ranges  # local: partition imports ConfigError
+
+    par = cfg.parallel
+    return stage_layer_ranges(cfg.model.num_layers, par.pipeline_model_parallel_size,
+                              par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)

@@ -12,12 +12,14 @@ from megatron_est.config import Config
 from megatron_est.est.flops import step_flops
 from megatron_est.est.sampler import Subnetwork, SubnetworkSampler
 from megatron_est.model.language_model import LanguageModel
-from megatron_est.parallel.grads import grad_norm_and_clip, sync_data_parallel_grads, zero_fill_missing_grads
+from megatron_est.parallel.grads import (grad_norm_and_clip, sync_data_parallel_grads, sync_tied_embedding_grads,
+                                         zero_fill_missing_grads)
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.metrics import MetricsLog, format_train_line
 from megatron_est.training.optimizer import learning_rate, set_lr
+from megatron_est.training.pipeline_schedule import StageTimer, forward_backward
 
 
 @dataclass
@@ -40,21 +42,22 @@ def subnetwork_summary(cfg: Config, sub: Subnetwork) -> dict:
 
 
 def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: list, batches: MicroBatches,
-               sub: Subnetwork, cfg: Config, st: ParallelState, step: int) -> tuple[float, float]:
-    """Forward/backward over all micro-batches on the sampled subnetwork, then sync, clip, and step."""
+               sub: Subnetwork, cfg: Config, st: ParallelState, step: int,
+               timer: Optional[StageTimer] = None) -> tuple[float, float]:
+    """Forward/backward over all micro-batches on the sampled subnetwork (1F1B when pipelined), then sync,
+    clip, and step. Returns the step's mean loss and gradient norm, the same on every rank."""
     plan = model.make_plan(sub, st.device)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=st.device)
-    for m in range(batches.num_micro):
-        tokens = batches.get(step, m).to(st.device, non_blocking=True)
-        loss = model(tokens[:, :-1], tokens[:, 1:], plan).mean() / batches.num_micro
-        loss.backward()
-        loss_sum += loss.detach()
+    loss_sum = forward_backward(model, batches, step, plan, st, timer)
+    if st.pp > 1:
+        sync_tied_embedding_grads(params, st.embd_group)
     sync_data_parallel_grads(params, st.dp_group, st.dp)
     zero_fill_missing_grads(params)
     norm = grad_norm_and_clip(params, cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
     set_lr(optimizer, learning_rate(cfg.train, step))
     optimizer.step()
+    if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
+        dist.all_reduce(loss_sum, group=st.pp_group)
     if st.dp > 1:
         dist.all_reduce(loss_sum, group=st.dp_group)
         loss_sum /= st.dp

@@ -11,7 +11,7 @@ import torch
 from megatron_est.arguments import parse_args
 from megatron_est.config import Config, ConfigError, validate
 from megatron_est.est.build import build_sampler
-from megatron_est.model.language_model import LanguageModel
+from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
@@ -52,7 +52,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
     resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
-    model = LanguageModel(cfg.model, st, seed=tr.seed).to(st.device)
+    model = build_model(cfg, st)  # this rank's pipeline stage
     optimizer = build_optimizer(model, tr)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -90,8 +90,6 @@ def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
         cfg = parse_args(argv, description, default_preset)
         _, world, _ = pstate.env_rank_and_world()
         validate(cfg, world)
-        if cfg.parallel.pipeline_model_parallel_size > 1:
-            raise ConfigError("--pipeline-model-parallel-size > 1 is not supported yet")
     except ConfigError as e:
         fail(str(e))
     if cfg.train.num_threads:
