@@ -1,7 +1,7 @@
 """GPT-2 and Llama causal language models (one class; the family is configuration)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,11 @@ class LanguageModel(nn.Module):
         vocab, h, std = cfg.padded_vocab_size, cfg.hidden_size, cfg.init_method_std
         if pre_process or (post_process and cfg.tie_embeddings):
             self.embedding = VocabParallelEmbedding(vocab, h, st, std=std, seed=seed, name="embedding.word")
+            if cfg.tie_embeddings and not (pre_process and post_process):
+                # Pipelined and tied: the first and last stage each hold a copy (same named seed, so equal);
+                # their gradients are summed every step and the last stage's copy is not counted in the norm.
+                self.embedding.weight.tied_embedding = True
+                self.embedding.weight.pipeline_duplicate = not pre_process
         if pre_process and cfg.position_embedding == "learned":
             self.position_embedding = nn.Embedding(cfg.max_position_embeddings, h)
             with torch.no_grad():
@@ -47,6 +52,14 @@ class LanguageModel(nn.Module):
             if not cfg.tie_embeddings:
                 self.output_layer = ColumnParallelLinear(h, vocab, False, st, std=std, seed=seed,
                                                          name="output_layer")
+
+    def global_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """named_parameters() with global layer indices ("decoder.layers.5..." on any stage holding layer 5)."""
+        for name, p in self.named_parameters():
+            if name.startswith("decoder.layers."):
+                local, rest = name[len("decoder.layers."):].split(".", 1)
+                name = f"decoder.layers.{self.decoder.first + int(local)}.{rest}"
+            yield name, p
 
     # ------------------------------------------------------------------------------------------ EST plan
     def make_plan(self, sub: Optional[Subnetwork], device: Optional[torch.device] = None) -> Optional[ModelPlan]:

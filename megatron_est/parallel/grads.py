@@ -44,6 +44,19 @@ def sync_data_parallel_grads(params: list[torch.nn.Parameter], group, dp: int) -
     all_reduce_mean([p.grad for p in params if p.grad is not None], group, dp)
 
 
+def sync_tied_embedding_grads(params: list[torch.nn.Parameter], group: Optional[dist.ProcessGroup]) -> None:
+    """Sum the gradients of the word embedding's two copies (first and last pipeline stage).
+
+    Both copies start equal and then receive the same summed gradient, so they stay equal: one tied weight,
+    as without pipelining. Only parameters marked `tied_embedding` (set when pp > 1) take part.
+    """
+    for p in params:
+        if getattr(p, "tied_embedding", False):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=group)
+
+
 def zero_fill_missing_grads(params: list[torch.nn.Parameter]) -> None:
     """Give parameters outside this step's subnetwork a zero gradient, so AdamW treats all rows alike."""
     for p in params:
@@ -56,10 +69,13 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tp_gro
     """Global L2 norm of all gradients of the (sharded) model; clip in place when max_norm > 0.
 
     TP-sharded parameters contribute their shard on every TP rank (summed over TP); replicated ones count once.
+    Stages sum over the pipeline group; the last stage's copy of the tied embedding (`pipeline_duplicate`) is
+    left out of the norm so the tied weight counts once, but is clipped like the rest.
     """
     grads = [p for p in params if p.grad is not None]
-    sharded = [p.grad for p in grads if getattr(p, "tensor_parallel", False)]
-    replicated = [p.grad for p in grads if not getattr(p, "tensor_parallel", False)]
+    counted = [p for p in grads if not getattr(p, "pipeline_duplicate", False)]
+    sharded = [p.grad for p in counted if getattr(p, "tensor_parallel", False)]
+    replicated = [p.grad for p in counted if not getattr(p, "tensor_parallel", False)]
     dev = grads[0].grad.device if grads else torch.device("cpu")
     sq_sharded = _sum_sq(sharded, dev)
     if tp > 1:

@@ -25,6 +25,9 @@ class ParallelState:
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
+    # First and last pipeline stage of one (dp, tp) position: sums the tied word-embedding gradient of the
+    # two copies (only built when pp > 1).
+    embd_group: Optional[dist.ProcessGroup] = None
     device: torch.device = torch.device("cpu")
 
     @property
@@ -46,6 +49,10 @@ class ParallelState:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of this rank's counterpart (same dp and tp position) on pipeline stage pp_rank."""
+        return pp_rank * self.tp * self.dp + self.dp_rank * self.tp + self.tp_rank
 
 
 SINGLE = ParallelState()
@@ -116,6 +123,13 @@ def build_groups(st: ParallelState) -> ParallelState:
             g = dist.new_group(ranks)
             if st.rank in ranks:
                 st.pp_group = g
+    if pp > 1:
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [d * tp + t, (pp - 1) * dp * tp + d * tp + t]
+                g = dist.new_group(ranks)
+                if st.rank in ranks:
+                    st.embd_group = g
     assert world == tp * pp * dp
     return st
 

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
+from megatron_est.training.pipeline_schedule import forward_only
 
 
 @torch.no_grad()
@@ -13,10 +14,10 @@ def evaluate(model: torch.nn.Module, batches: MicroBatches, eval_iters: int, st:
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=st.device)
-    for step in range(eval_iters):
-        for m in range(batches.num_micro):
-            tokens = batches.get(step, m).to(st.device)
-            total += model(tokens[:, :-1], tokens[:, 1:]).float().mean().double()
+    for step in range(eval_iters):  # through the pipeline stages when pp > 1; the loss is on the last one
+        total += forward_only(model, batches, step, st).double()
+    if st.pp > 1:
+        dist.all_reduce(total, group=st.pp_group)
     total /= eval_iters * batches.num_micro
     if st.dp > 1:
         dist.all_reduce(total, group=st.dp_group)
