@@ -76,4 +76,10 @@ def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
     finally:
         ckpt.close()
     losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
-    return {"start": start, "end": state.iteration, "losses": losses, "rand": torch.rand(3)}
+    rand = torch.rand(3)  # the global RNG after training (checkpoints restore it)
+    logits = None
+    if getattr(model, "pre_process", True) and getattr(model, "post_process", True):
+        ids = dataset(cfg)[511]["tokens"][None, :-1]
+        with torch.no_grad():
+            logits = model.eval()(ids)
+    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "logits": logits}

@@ -149,3 +149,17 @@ def test_rng_state_round_trip():
     random.seed(98)
     checkpointing.set_rng_state(state)
     assert torch.equal(torch.rand(2), expect[0]) and random.random() == expect[1]
+
+
+def test_trained_tp2_checkpoint_exports_to_transformers(resumed, tmp_path):
+    """Merge the TP=2 shards of the trained run's last checkpoint; transformers gives our logits."""
+    transformers = pytest.importorskip("transformers")
+    from tools import convert_checkpoint as tool
+    from tests.engine_harness import dataset
+
+    ckdir, results = resumed
+    assert tool.main(["export-hf", "--load", ckdir, "--output", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = dataset(make_cfg())[511]["tokens"][None, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, results[0]["second"]["logits"], rtol=1e-4, atol=1e-4)

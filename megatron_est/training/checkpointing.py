@@ -46,14 +46,16 @@ SHARD_FILE = "model_optim_rng.pt"
 _TMP_PREFIX = ".tmp."
 _OLD_PREFIX = ".old."
 
-# Model fields that fix the shapes of the weights, with the flag that sets each.
+# Model fields that must match the checkpoint's, with the flag that sets each.
 _SHAPE_FIELDS = {"family": "--model-family", "num_layers": "--num-layers", "hidden_size": "--hidden-size",
                  "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
                  "ffn_hidden_size": "--ffn-hidden-size", "vocab_size": "--vocab-size (the tokenizer)",
                  "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
                  "max_position_embeddings": "--max-position-embeddings", "normalization": "--normalization",
                  "activation": "--activation", "position_embedding": "--position-embedding",
-                 "add_bias": "--add-bias", "tie_embeddings": "--tie-embeddings"}
+                 "add_bias": "--add-bias", "tie_embeddings": "--tie-embeddings",
+                 # not shapes, but a different value silently changes the function the weights compute
+                 "norm_epsilon": "--norm-epsilon", "rotary_base": "--rotary-base"}
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -220,7 +222,7 @@ def check_compatible(cfg: Config, meta: dict, root: str) -> None:
     for key, flag in _SHAPE_FIELDS.items():
         if key in saved_model and saved_model[key] != ours.get(key):
             raise ConfigError(f"--load {root}: checkpoint has {flag} {saved_model[key]}, this run "
-                              f"{ours.get(key)} (model shape differs)")
+                              f"{ours.get(key)} (model differs)")
     if cfg.checkpoint.finetune:
         pass  # weights only: still the same parallel layout (shards are per TP/PP rank)
     saved_par = meta["parallel"]
