@@ -1,0 +1,196 @@
+"""3D parallelism equals one process: every (TP, PP, DP) layout trains the same EST run to the same losses and
+weights, for GPT-2 (tied embedding split over the first and last stage) and Llama.
+
+One spawn per world size runs every layout of that size, both families and both sampling runs:
+  run "strat":   stratified sampling; the schedule crosses EST stages 1, 2 and 3.
+  run "unstrat": unstratified sampling with p_L = 0.25 (one layer of four kept), so every stage but one has all
+                 its layers skipped in the first steps, then p_L = 0.5, then the full model.
+Forward hooks on the layers record which layers each stage really ran in each step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, stage_ranges, validate
+from megatron_est.est.build import build_sampler
+from megatron_est.model.build import build_model
+from megatron_est.parallel.state import ParallelState, build_groups
+from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.loop import train
+from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.optimizer import build_optimizer
+from tests.helpers import run_distributed, tiny
+
+FAMILIES = ("gpt2", "llama")
+RUNS = {
+    "strat": dict(schedule="0:0.5,0.5,0.5;2:0.5,0.5,1;4:1,1,1", stratified=True, tp_strata=2, pp_strata=2),
+    "unstrat": dict(schedule="0:0.5,0.5,0.25;2:0.5,0.5,0.5;4:1,1,1", stratified=False),
+}
+ITERS, GBS, MBS = 5, 4, 1
+# (tp, pp, first-stage layers, last-stage layers, runs) per world size. Uneven stages and PP=4 change the
+# stratified layer strata, so they are compared on the unstratified run only.
+LAYOUTS = {
+    2: [(2, 1, None, None, ("strat", "unstrat")), (1, 2, None, None, ("strat", "unstrat")),
+        (1, 1, None, None, ("strat", "unstrat")), (1, 2, 1, 3, ("unstrat",))],
+    4: [(2, 2, None, None, ("strat", "unstrat")), (1, 4, None, None, ("unstrat",))],
+    8: [(2, 2, None, None, ("strat", "unstrat"))],
+}
+
+
+def _cfg(family: str, run: str, tp: int = 1, pp: int = 1, first=None, last=None) -> Config:
+    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last)
+    # adam_eps 1e-4, not 1e-8: AdamW turns a gradient element of ~1e-8 (here there are some, from cancellation)
+    # into a step of up to lr whose size hangs on its rounding noise, which differs between layouts. A larger
+    # eps keeps such steps proportional to the gradient; a real layout bug still moves weights by ~lr.
+    tr = TrainConfig(micro_batch_size=MBS, global_batch_size=GBS, train_iters=ITERS, lr=3e-3, lr_warmup_iters=2,
+                     adam_eps=1e-4, log_interval=1, eval_interval=ITERS, eval_iters=1, seed=4)
+    return Config(model=tiny(family, num_layers=4), parallel=par, est=ESTConfig(**RUNS[run]), train=tr)
+
+
+def _record_layers(model) -> list[list[int]]:
+    """Per optimizer step, the global indices of the layers this rank ran (forward hooks)."""
+    steps: list[list[int]] = [[]]
+    for offset, layer in enumerate(model.decoder.layers):
+        layer.register_forward_hook(lambda *_, i=model.decoder.first + offset: steps[-1].append(i))
+    return steps
+
+
+def _train_one(cfg: Config, st: ParallelState) -> dict:
+    validate(cfg, st.world_size)
+    model = build_model(cfg, st)
+    ran = _record_layers(model)
+    opt = build_optimizer(model, cfg.train)
+    opt.register_step_post_hook(lambda *_: ran.append([]))
+    data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=64, seed=2)
+    valid = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=16, seed=3)
+    state = train(cfg, st, model, opt, build_sampler(cfg), MicroBatches(data, GBS, MBS, st.dp, st.dp_rank),
+                  MicroBatches(valid, GBS, MBS, st.dp, st.dp_rank), log=MetricsLog(None, enabled=False))
+    params = {n: (p.detach().clone(), getattr(p, "partition_dim", None), getattr(p, "pipeline_duplicate", False))
+              for n, p in model.global_named_parameters()}
+    return {"losses": [r["lm_loss"] for r in state.history if "lm_loss" in r],
+            "norms": [r["grad_norm"] for r in state.history if "lm_loss" in r],
+            "val": [r["val_loss"] for r in state.history if "val_loss" in r],
+            "ran": [sorted(set(s)) for s in ran[:ITERS]], "params": params,
+            "coords": (st.tp_rank, st.pp_rank, st.dp_rank)}
+
+
+def _run_layouts(st_of, layouts) -> dict:
+    out = {}
+    for tp, pp, first, last, runs in layouts:
+        st = st_of(tp, pp)
+        for family in FAMILIES:
+            for run in runs:
+                out[(tp, pp, first, last, family, run)] = _train_one(_cfg(family, run, tp, pp, first, last), st)
+    return out
+
+
+def _worker(rank: int, world: int) -> dict:
+    return _run_layouts(lambda tp, pp: build_groups(ParallelState(world, rank, tp, pp, world // (tp * pp))),
+                        LAYOUTS[world])
+
+
+def _assemble(rank_results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full (unsharded, unpipelined) weights of DP replica 0; checks the other replicas and the tied copy."""
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    replicas: dict[tuple, dict] = {}
+    for res in rank_results:
+        tp_rank, pp_rank, dp_rank = res["coords"]
+        for name, (w, dim, duplicate) in res["params"].items():
+            replicas.setdefault((name, tp_rank, pp_rank, duplicate), []).append(w)
+            if dp_rank == 0 and not duplicate:
+                shards.setdefault(name, {})[tp_rank] = (w, dim)
+    for (name, *_), copies in replicas.items():  # every DP replica holds the same weights
+        for w in copies[1:]:
+            torch.testing.assert_close(w, copies[0], rtol=0, atol=0, msg=name)
+    full = {}
+    for name, by_tp in shards.items():
+        parts = [by_tp[t] for t in sorted(by_tp)]
+        dim = parts[0][1]
+        full[name] = parts[0][0] if dim is None or len(parts) == 1 else torch.cat([p for p, _ in parts], dim)
+    for (name, tp_rank, _, duplicate), copies in replicas.items():  # last stage's tied copy == first stage's
+        if duplicate:
+            first = next(r for r in rank_results if r["coords"] == (tp_rank, 0, 0))["params"][name][0]
+            torch.testing.assert_close(copies[0], first, rtol=0, atol=0, msg="tied embedding copy")
+    return full
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """(TP, PP, DP) = (1, 1, 1) in this process."""
+    out = {}
+    for family in FAMILIES:
+        for run in RUNS:
+            out[(family, run)] = _train_one(_cfg(family, run), ParallelState())
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def world_results(request) -> tuple[int, list[dict]]:
+    return request.param, run_distributed(_worker, request.param)
+
+
+def _compare(ref: dict, rank_results: list[dict], cfg: Config) -> None:
+    for res in rank_results:
+        assert res["losses"] == pytest.approx(ref["losses"], rel=2e-5)
+        assert res["norms"] == pytest.approx(ref["norms"], rel=1e-4)
+        assert res["val"] == pytest.approx(ref["val"], rel=2e-5)
+    full = _assemble(rank_results)
+    ref_params = {n: w for n, (w, _, _) in ref["params"].items()}
+    assert set(full) == set(ref_params)
+    for name, w in ref_params.items():
+        torch.testing.assert_close(full[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    # Each stage ran exactly the sampled layers that it owns, every step.
+    sampler = build_sampler(cfg)
+    for res in rank_results:
+        lo, hi = stage_ranges(cfg)[res["coords"][1]]
+        assert res["ran"] == [[i for i in sampler(it).layers if lo <= i < hi] for it in range(ITERS)]
+
+
+def test_layouts_equal_single_process(world_results, reference):
+    world, results = world_results
+    for tp, pp, first, last, runs in LAYOUTS[world]:
+        for family in FAMILIES:
+            for run in runs:
+                key = (tp, pp, first, last, family, run)
+                _compare(reference[(family, run)], [r[key] for r in results], _cfg(family, run, tp, pp, first, last))
+
+
+def test_runs_cover_skipped_stages_and_all_est_stages(reference):
+    """The comparison above is meaningful: the reference losses fall, the schedule reaches the full model, and
+    the unstratified run has steps in which a whole pipeline stage (of two) ran no layer."""
+    for family in FAMILIES:
+        for run in RUNS:
+            ref = reference[(family, run)]
+            assert ref["losses"][-1] < ref["losses"][0]
+            assert ref["ran"][0] != list(range(4)) and ref["ran"][-1] == list(range(4))
+        cfg = _cfg(family, "unstrat", pp=2)
+        sampler = build_sampler(cfg)
+        assert any(all(i < 2 for i in sampler(it).layers) or all(i >= 2 for i in sampler(it).layers)
+                   for it in range(ITERS))
+
+
+def test_layouts_differ_when_they_should(world_results, reference):
+    """The comparison can fail: the stratified and unstratified runs give different losses."""
+    assert reference[("gpt2", "strat")]["losses"] != pytest.approx(reference[("gpt2", "unstrat")]["losses"],
+                                                                   rel=1e-3)
+
+
+@pytest.mark.parametrize("pp,first,last", [(2, None, None), (4, None, None), (3, 2, 2)])
+def test_stratified_kept_layers_per_stage(pp, first, last):
+    """Stratified: every stage keeps round(p_L x its layer count) at every step (equal counts for even stages);
+    unstratified sampling does not, which this check would notice."""
+    counts = {}
+    for stratified in (True, False):
+        cfg = _cfg("gpt2", "strat", pp=pp, first=first, last=last)
+        cfg.model.num_layers, cfg.est.pp_strata, cfg.est.stratified = 8, None, stratified
+        cfg.est.schedule = "0:1,1,0.5"
+        stages, sampler = stage_ranges(cfg), build_sampler(cfg)
+        counts[stratified] = [[sum(lo <= i < hi for i in sampler(it).layers) for lo, hi in stages]
+                              for it in range(100)]
+    expect = [max(1, int(0.5 * (hi - lo) + 0.5)) for lo, hi in stages]
+    assert all(c == expect for c in counts[True])
+    assert any(c != expect for c in counts[False])
+    if first is None:
+        assert len(set(expect)) == 1
