@@ -11,6 +11,7 @@ from megatron_est.est.build import build_sampler
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
 from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
+from megatron_est.training.evaluate import evaluate
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
@@ -23,7 +24,8 @@ EST_SCHEDULE = "0:0.5,0.5,0.5;3:0.5,0.5,1;6:1,1,1"
 def make_cfg(family: str = "gpt2", tp: int = 1, pp: int = 1, iters: int = 8, gbs: int = 8, mbs: int = 2,
              schedule: str = EST_SCHEDULE, checkpoint: Optional[dict] = None, engine: Optional[dict] = None,
              **model_kw) -> Config:
-    model = tiny(family, **{"num_layers": 4, **model_kw})
+    # 250 tokens, no vocabulary padding: our loss then equals transformers' loss on exported weights.
+    model = tiny(family, **{"num_layers": 4, "make_vocab_size_divisible_by": 50, **model_kw})
     # Fixed strata so that every parallel layout draws the same subnetworks.
     est = ESTConfig(schedule=schedule, tp_strata=2, pp_strata=2)
     tr = TrainConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters, lr=3e-3, min_lr=3e-4,
@@ -77,9 +79,11 @@ def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
         ckpt.close()
     losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
     rand = torch.rand(3)  # the global RNG after training (checkpoints restore it)
-    logits = None
-    if getattr(model, "pre_process", True) and getattr(model, "post_process", True):
-        ids = dataset(cfg)[511]["tokens"][None, :-1]
-        with torch.no_grad():
-            logits = model.eval()(ids)
-    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "logits": logits}
+    # Loss of the trained model on samples [0, gbs) of a held-out set (through the pipeline when pp > 1).
+    held_out = MicroBatches(held_out_dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
+    val = evaluate(model, held_out, 1, st)
+    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val}
+
+
+def held_out_dataset(cfg: Config) -> RandomTokens:
+    return RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=64, seed=6)

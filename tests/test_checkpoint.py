@@ -49,11 +49,12 @@ def _resume_worker(rank, world, tp, pp, ckdir):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    ckdir = str(tmp_path_factory.mktemp("ckpt_tp2_dp2"))
-    return ckdir, run_distributed(_resume_worker, 4, 2, 1, ckdir)
+    """TP=2 x PP=2 x DP=2 (8 ranks): uninterrupted, interrupted by SIGTERM, resumed."""
+    ckdir = str(tmp_path_factory.mktemp("ckpt_tp2_pp2_dp2"))
+    return ckdir, run_distributed(_resume_worker, 8, 2, 2, ckdir)
 
 
-def test_resume_gives_identical_losses_tp2_dp2(resumed):
+def test_resume_gives_identical_losses_tp2_pp2_dp2(resumed):
     _, results = resumed
     for r in results:
         full, first, second = r["full"], r["first"], r["second"]
@@ -72,23 +73,26 @@ def test_layout_latest_pointer_and_keep_last(resumed):
     assert results[0]["after_second"] == ["iter_0000006", "iter_0000008", checkpointing.LATEST_FILE]
     assert open(os.path.join(ckdir, checkpointing.LATEST_FILE)).read().strip() == "8"
     it_dir = os.path.join(ckdir, "iter_0000008")
-    assert sorted(os.listdir(it_dir)) == ["metadata.json", "mp_rank_00", "mp_rank_01"]
-    shard = torch.load(os.path.join(it_dir, "mp_rank_01", "model_optim_rng.pt"), weights_only=True)
+    assert sorted(os.listdir(it_dir)) == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
+                                          "mp_rank_01_001"]
+    shard = torch.load(os.path.join(it_dir, "mp_rank_01_001", "model_optim_rng.pt"), weights_only=True)
     for key in ("model", "optimizer", "opt_param_scheduler", "iteration", "consumed_samples", "data_loader",
                 "rng_state", "args"):
         assert key in shard, key
     assert shard["iteration"] == 8 and shard["consumed_samples"] == 64 and len(shard["rng_state"]) == 2
     meta = json.load(open(os.path.join(it_dir, "metadata.json")))
     assert meta["parallel"]["tensor_model_parallel_size"] == 2 and meta["engine"] == "torch"
+    assert meta["parallel"]["pipeline_model_parallel_size"] == 2
 
 
 def test_mismatched_or_missing_load_is_refused(resumed, tmp_path):
     ckdir, _ = resumed
     before = sorted(os.listdir(ckdir))
-    cases = [(make_cfg(tp=2, hidden_size=128), "--hidden-size 64"),
-             (make_cfg(tp=2, num_layers=6), "--num-layers 4"),
-             (make_cfg(tp=1), "--tensor-model-parallel-size 2"),
-             (make_cfg(tp=2, family="llama"), "--model-family gpt2")]
+    cases = [(make_cfg(tp=2, pp=2, hidden_size=128), "--hidden-size 64"),
+             (make_cfg(tp=2, pp=2, num_layers=6), "--num-layers 4"),
+             (make_cfg(tp=1, pp=2), "--tensor-model-parallel-size 2"),
+             (make_cfg(tp=2, pp=1), "--pipeline-model-parallel-size 2"),
+             (make_cfg(tp=2, pp=2, family="llama"), "--model-family gpt2")]
     for cfg, needle in cases:
         with pytest.raises(ConfigError, match=needle) as e:
             checkpointing.resolve_load(with_checkpoint(cfg, load=ckdir, save=ckdir))
@@ -151,15 +155,19 @@ def test_rng_state_round_trip():
     assert torch.equal(torch.rand(2), expect[0]) and random.random() == expect[1]
 
 
-def test_trained_tp2_checkpoint_exports_to_transformers(resumed, tmp_path):
-    """Merge the TP=2 shards of the trained run's last checkpoint; transformers gives our logits."""
+def test_trained_tp2_pp2_checkpoint_exports_to_transformers(resumed, tmp_path):
+    """Merge the TP x PP shards of the trained run's last checkpoint: transformers gives our held-out loss."""
     transformers = pytest.importorskip("transformers")
     from tools import convert_checkpoint as tool
-    from tests.engine_harness import dataset
+    from tests.engine_harness import held_out_dataset
 
     ckdir, results = resumed
     assert tool.main(["export-hf", "--load", ckdir, "--output", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    ids = dataset(make_cfg())[511]["tokens"][None, :-1]
+    cfg = make_cfg()
+    tokens = torch.stack([held_out_dataset(cfg)[i]["tokens"] for i in range(cfg.train.global_batch_size)])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, results[0]["second"]["logits"], rtol=1e-4, atol=1e-4)
+        logits = hf(tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(float(loss) - results[0]["second"]["val_loss"]) < 1e-5
+    assert abs(float(loss) - results[0]["full"]["val_loss"]) < 1e-5
