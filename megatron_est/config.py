@@ -162,6 +162,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.recompute_activations and self.recompute_granularity is None:
             self.recompute_granularity = "selective"
+        if self.deepspeed_config:  # --deepspeed_config implies --deepspeed
+            self.deepspeed = True
 
     @property
     def precision(self) -> str:

@@ -15,6 +15,7 @@ from megatron_est.training.evaluate import evaluate
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
+from megatron_est.training.precision import build_precision, configure_model
 from tests.helpers import tiny
 
 # Crosses all three EST stages in 8 iterations: all dimensions sampled, then heads/neurons, then the full model.
@@ -64,25 +65,29 @@ def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
     """Train with the plain torch engine (resuming from --load when set); per-iteration losses and the end."""
     resume = resolve_load(cfg)
     model = build_model(cfg, st)
+    configure_model(cfg, model)
     optimizer = build_optimizer(model, cfg.train)
+    precision = build_precision(cfg.engine, st.device)
     gbs = cfg.train.global_batch_size
     batches = MicroBatches(dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
     log = MetricsLog(None, enabled=False)
-    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume)
+    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision)
     start = state.iteration
     if hooks is not None:
         hooks(model=model, batches=batches, ckpt=ckpt)
     try:
         state = train(cfg, st, model, optimizer, build_sampler(cfg), batches, None, state=state, log=log,
-                      after_step=ckpt.after_step)
+                      after_step=ckpt.after_step, precision=precision)
     finally:
         ckpt.close()
     losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
+    records = [r for r in state.history if "lm_loss" in r]
     rand = torch.rand(3)  # the global RNG after training (checkpoints restore it)
     # Loss of the trained model on samples [0, gbs) of a held-out set (through the pipeline when pp > 1).
     held_out = MicroBatches(held_out_dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
     val = evaluate(model, held_out, 1, st)
-    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val}
+    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val,
+            "records": records, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def held_out_dataset(cfg: Config) -> RandomTokens:

@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron_est.config import ModelConfig
 from megatron_est.model.plan import AttnPlan, local_slice, unit_rows
+from megatron_est.model.recompute import core_attention
 from megatron_est.model.rope import apply_rope
 from megatron_est.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_est.parallel.state import ParallelState
@@ -73,6 +73,6 @@ class Attention(nn.Module):
         if n_q == 0:  # this shard kept no head (unstratified sampling); still join the TP collectives
             out = x.new_zeros(b, s, 0)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != n_q)
+            o = core_attention(self, q, k, v, enable_gqa=k.shape[1] != n_q)  # (recomputed if selective)
             out = o.transpose(1, 2).reshape(b, s, n_q * d)
         return self.proj(out, cols, scale)

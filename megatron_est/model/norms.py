@@ -5,6 +5,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # NVIDIA apex (not on PyPI): fused CUDA kernels; optional
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+    HAVE_APEX = True
+except Exception:  # noqa: BLE001 (ImportError, or a broken build that fails at import)
+    HAVE_APEX = False
+
+_USE_APEX = True
+
+
+def set_use_apex(flag: bool) -> None:
+    """--no-use-apex: torch-native norms even where apex is importable."""
+    global _USE_APEX
+    _USE_APEX = bool(flag)
+
+
+def apex_active(x: torch.Tensor) -> bool:
+    return HAVE_APEX and _USE_APEX and x.is_cuda
+
 
 class Norm(nn.Module):
     def __init__(self, kind: str, hidden: int, eps: float):
@@ -14,6 +32,11 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden)) if kind == "layernorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if apex_active(x):
+            shape = (x.shape[-1],)
+            if self.kind == "layernorm":
+                return fused_layer_norm_affine(x, self.weight, self.bias, shape, self.eps)
+            return fused_rms_norm_affine(x.float(), self.weight.float(), shape, self.eps).to(x.dtype)
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
         # Llama computes RMSNorm in fp32 and casts back.

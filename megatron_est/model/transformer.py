@@ -11,6 +11,7 @@ from megatron_est.model.attention import Attention
 from megatron_est.model.mlp import MLP
 from megatron_est.model.norms import Norm
 from megatron_est.model.plan import LayerPlan, ModelPlan
+from megatron_est.model.recompute import run_layer
 from megatron_est.parallel.state import ParallelState
 
 
@@ -43,9 +44,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, plan: Optional[ModelPlan], rope) -> torch.Tensor:
         for offset, layer in enumerate(self.layers):
             if plan is None:
-                x = layer(x, LayerPlan(None, None), rope)
+                x = run_layer(self, offset, layer, x, LayerPlan(None, None), rope)
                 continue
             lp = plan.layers.get(self.first + offset)
             if lp is not None:  # a sampled-out layer is the identity on the residual stream: not run at all
-                x = layer(x, lp, rope, plan.layer_scale)
+                x = run_layer(self, offset, layer, x, lp, rope, plan.layer_scale)  # (recomputed if asked)
         return x

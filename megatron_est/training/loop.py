@@ -43,19 +43,21 @@ def subnetwork_summary(cfg: Config, sub: Subnetwork) -> dict:
 
 def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: list, batches: MicroBatches,
                sub: Subnetwork, cfg: Config, st: ParallelState, step: int,
-               timer: Optional[StageTimer] = None) -> tuple[float, float]:
+               timer: Optional[StageTimer] = None, precision=None) -> tuple[float, float]:
     """Forward/backward over all micro-batches on the sampled subnetwork (1F1B when pipelined), then sync,
     clip, and step. Returns the step's mean loss and gradient norm, the same on every rank."""
     plan = model.make_plan(sub, st.device)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = forward_backward(model, batches, step, plan, st, timer)
+    loss_sum = forward_backward(model, batches, step, plan, st, timer, precision)
     if st.pp > 1:
         sync_tied_embedding_grads(params, st.embd_group)
     sync_data_parallel_grads(params, st.dp_group, st.dp)
     zero_fill_missing_grads(params)
-    norm = grad_norm_and_clip(params, cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
-    set_lr(optimizer, learning_rate(cfg.train, step))
-    optimizer.step()
+    norm = float("nan")  # an fp16 step skipped for overflow has no gradient norm
+    if precision is None or precision.unscale_and_check(params):
+        norm = grad_norm_and_clip(params, cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
+        set_lr(optimizer, learning_rate(cfg.train, step))
+        optimizer.step()
     if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
         dist.all_reduce(loss_sum, group=st.pp_group)
     if st.dp > 1:
@@ -67,7 +69,7 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: l
 def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch.optim.Optimizer,
           sampler: SubnetworkSampler, train_batches: MicroBatches, valid_batches: Optional[MicroBatches],
           state: Optional[TrainState] = None, log: Optional[MetricsLog] = None,
-          after_step: Optional[Callable[[TrainState], bool]] = None) -> TrainState:
+          after_step: Optional[Callable[[TrainState], bool]] = None, precision=None) -> TrainState:
     """Train from state.iteration to --train-iters. after_step(state), called on every rank after each
     step (checkpointing, exit signals), returns True to stop early."""
     tr, m = cfg.train, cfg.model
@@ -83,7 +85,7 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
         step = state.iteration
         t0 = time.perf_counter()
         sub = sampler(step)
-        loss, norm = train_step(model, optimizer, params, train_batches, sub, cfg, st, step)
+        loss, norm = train_step(model, optimizer, params, train_batches, sub, cfg, st, step, precision=precision)
         step_time = time.perf_counter() - t0
         state.iteration += 1
         flops = step_flops(m, tokens_per_step, sub)
@@ -100,7 +102,8 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
                    "full_cumulative_flops": state.full_cumulative_flops,
                    "flops_saved_frac": 1.0 - state.cumulative_flops / state.full_cumulative_flops,
                    **subnetwork_summary(cfg, sub), "step_time_s": step_time,
-                   "interval_time_s": (now - interval_start) / interval_n}
+                   "interval_time_s": (now - interval_start) / interval_n,
+                   **(precision.metrics() if precision is not None else {})}
             log.print(format_train_line(rec, tr.train_iters))
             log.record(rec)
             state.history.append(rec)

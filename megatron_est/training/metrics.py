@@ -37,4 +37,6 @@ def format_train_line(r: dict, train_iters: int) -> str:
             f" est stage: {r['est_stage']} | kept layers/heads/mlp: {r['kept_layers']}/"
             f"{r['kept_heads_frac']:.2f}/{r['kept_mlp_frac']:.2f} |"
             f" step TFLOP: {r['step_flops'] / 1e12:.4f} (full {r['full_step_flops'] / 1e12:.4f}) |"
-            f" FLOPs saved so far: {100 * r['flops_saved_frac']:.1f}% |")
+            f" FLOPs saved so far: {100 * r['flops_saved_frac']:.1f}% |"
+            + (f" loss scale: {r['loss_scale']:.1f} | number of skipped iterations: {r['skipped_iterations']:3d} |"
+               if "loss_scale" in r else ""))

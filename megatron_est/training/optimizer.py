@@ -8,15 +8,32 @@ import torch
 from megatron_est.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, tr: TrainConfig) -> torch.optim.AdamW:
-    """Biases and norm weights (1-D parameters) get no weight decay, as in Megatron."""
+def apex_fused_adam():
+    """apex.optimizers.FusedAdam when NVIDIA apex is importable, else None."""
+    try:
+        from apex.optimizers import FusedAdam
+    except Exception:  # noqa: BLE001
+        return None
+    return FusedAdam
+
+
+def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
+    """Biases and norm weights (1-D parameters) get no weight decay, as in Megatron.
+
+    On GPU: apex's FusedAdam (AdamW mode) when importable and use_apex, else torch's fused AdamW.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim == 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused kernels on GPU; the multi-tensor (foreach) path on CPU, where the default is a per-tensor loop.
-    impl = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
+    cuda = next(model.parameters()).is_cuda
+    fused_adam = apex_fused_adam() if cuda and use_apex else None
+    if fused_adam is not None:
+        return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
+                          adam_w_mode=True)
+    impl = {"fused": True} if cuda else {"foreach": True}
     return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, **impl)
 
 

@@ -38,9 +38,10 @@ class _StageStep:
     """This stage's share of one step: forward and backward of single micro-batches."""
 
     def __init__(self, model: LanguageModel, batches: MicroBatches, step: int, plan: Optional[ModelPlan],
-                 st: ParallelState, loss_div: int, timer: Optional[StageTimer]):
+                 st: ParallelState, loss_div: int, timer: Optional[StageTimer], precision=None):
         self.model, self.batches, self.step, self.plan, self.st = model, batches, step, plan, st
         self.loss_div, self.timer = loss_div, timer
+        self.precision = precision  # training.precision.Precision: autocast and fp16 loss scale, or None
         self.loss_sum = torch.zeros((), device=st.device)
         cfg = model.cfg
         dtype = next(model.parameters()).dtype
@@ -57,7 +58,11 @@ class _StageStep:
         tokens = self._tokens(micro)
         inputs = tokens[:, :-1] if self.st.is_first_stage else x
         labels = tokens[:, 1:] if self.st.is_last_stage else None
-        out = self.model(inputs, labels, self.plan)
+        if self.precision is None:
+            out = self.model(inputs, labels, self.plan)
+        else:
+            with self.precision.autocast():
+                out = self.model(inputs, labels, self.plan)
         if self.st.is_last_stage:
             out = out.mean() / self.loss_div
             self.loss_sum += out.detach()
@@ -70,6 +75,8 @@ class _StageStep:
         if y is x:  # every layer of this middle stage was skipped: the identity passes the gradient through
             return grad_y
         t0 = time.perf_counter()
+        if grad_y is None and self.precision is not None:
+            y = self.precision.scale(y)  # fp16: the loss scale enters here, once, on the last stage
         torch.autograd.backward(y, grad_tensors=grad_y)  # grad_y is None on the last stage: y is the loss
         self._add_busy(t0)
         return None if x is None else x.grad
@@ -80,14 +87,14 @@ class _StageStep:
 
 
 def forward_backward(model: LanguageModel, batches: MicroBatches, step: int, plan: Optional[ModelPlan],
-                     st: ParallelState, timer: Optional[StageTimer] = None) -> torch.Tensor:
+                     st: ParallelState, timer: Optional[StageTimer] = None, precision=None) -> torch.Tensor:
     """Run step `step` over all micro-batches with 1F1B, accumulating gradients.
 
     Returns this stage's summed loss (the mean over micro-batches on the last stage, zero on other stages).
     """
     t_start = time.perf_counter()
     n_micro = batches.num_micro
-    s = _StageStep(model, batches, step, plan, st, n_micro, timer)
+    s = _StageStep(model, batches, step, plan, st, n_micro, timer, precision)
     p2p = s.p2p
     n_warmup = min(st.pp - st.pp_rank - 1, n_micro)
     alive: deque[tuple[Optional[torch.Tensor], torch.Tensor]] = deque()  # (input, output) awaiting backward

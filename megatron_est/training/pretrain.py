@@ -15,6 +15,7 @@ from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
+from megatron_est.training.precision import build_precision, configure_model
 from megatron_est.training.loop import TrainState, train
 from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
@@ -53,7 +54,9 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     model = build_model(cfg, st)  # this rank's pipeline stage
-    optimizer = build_optimizer(model, tr)
+    configure_model(cfg, model)  # activation recompute, apex switch
+    optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
+    precision = build_precision(cfg.engine, st.device)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
@@ -61,9 +64,9 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
               f"EST schedule: {cfg.est.schedule}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
-    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume)
+    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision)
     state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log,
-                  state=state, after_step=ckpt.after_step)
+                  state=state, after_step=ckpt.after_step, precision=precision)
     ckpt.close()
     _summary(state, log)
     log.close()
