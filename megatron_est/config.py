@@ -249,6 +249,7 @@ def validate(cfg: Config, world_size: int) -> None:
              f"--lr-decay-style: unknown style {tr.lr_decay_style!r} (cosine, linear, constant)")
     _require(tr.eval_interval >= 1 and tr.log_interval >= 1, "--eval-interval and --log-interval must be >= 1")
     _validate_strata(cfg, tp, pp)
+    _validate_engine(cfg, tp, pp, dp)
     from megatron_est.est.schedule import parse_schedule  # local: schedule.py imports ConfigError from here
 
     parse_schedule(est.schedule, tr.train_iters)
@@ -280,3 +281,27 @@ def stage_ranges(cfg: Config) -> tuple[tuple[int, int], ...]:
     par = cfg.parallel
     return stage_layer_ranges(cfg.model.num_layers, par.pipeline_model_parallel_size,
                               par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)
+
+
+def _validate_engine(cfg: Config, tp: int, pp: int, dp: int) -> None:
+    """Precision, recompute, checkpoint and DeepSpeed flags (the DeepSpeed JSON is read and checked here too)."""
+    e, ck = cfg.engine, cfg.checkpoint
+    _require(not (e.bf16 and e.fp16), "--bf16 and --fp16 are mutually exclusive")
+    _require(e.recompute_granularity in (None, "full", "selective"),
+             f"--recompute-granularity: unknown value {e.recompute_granularity!r} (full or selective)")
+    _require(e.recompute_num_layers is None or (e.recompute_granularity == "full" and e.recompute_num_layers >= 1),
+             "--recompute-num-layers needs --recompute-granularity full and a value >= 1")
+    _require(e.initial_loss_scale > 0 and e.min_loss_scale > 0 and e.loss_scale_window >= 1 and e.hysteresis >= 1,
+             "--initial-loss-scale, --min-loss-scale must be > 0 and --loss-scale-window, --hysteresis >= 1")
+    for flag, value in (("--save-interval", ck.save_interval), ("--keep-last", ck.keep_last),
+                        ("--exit-interval", ck.exit_interval)):
+        _require(value is None or value >= 1, f"{flag} must be >= 1")
+    _require(ck.save_interval is None or ck.save, "--save-interval needs --save")
+    _require(not ck.exit_signal_handler or ck.save, "--exit-signal-handler needs --save (where to save on exit)")
+    if not e.deepspeed:
+        _require(e.zero_stage is None and not e.offload_optimizer,
+                 "--zero-stage and --offload-optimizer need --deepspeed")
+        return
+    from megatron_est.training.deepspeed_config import check_deepspeed  # reads no more than the JSON
+
+    check_deepspeed(cfg, tp, pp, dp)

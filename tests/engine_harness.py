@@ -92,3 +92,41 @@ def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
 
 def held_out_dataset(cfg: Config) -> RandomTokens:
     return RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=64, seed=6)
+
+
+def run_deepspeed(cfg: Config, st: ParallelState, hooks=None) -> dict:
+    """Like run_plain, through the DeepSpeed engine (cfg.engine.deepspeed with --zero-stage or a JSON)."""
+    import gc
+
+    from megatron_est.config import validate
+    from megatron_est.training import deepspeed_engine as dse
+
+    validate(cfg, st.world_size)  # resolves the DeepSpeed JSON / derived config
+    resume = resolve_load(cfg)
+    model = build_model(cfg, st)
+    configure_model(cfg, model)
+    log = MetricsLog(None, enabled=False)
+    run = dse.initialize(cfg, st, model, log, resume)
+    engine = run.engine
+    gbs = cfg.train.global_batch_size
+    batches = MicroBatches(dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
+    ckpt, state = setup_checkpointing(cfg, st, engine, None, gbs, log, resume, engine=engine)
+    start = state.iteration
+    if hooks is not None:
+        hooks(model=engine, batches=batches, ckpt=ckpt)
+    try:
+        state = train(cfg, st, engine, None, build_sampler(cfg), batches, None, state=state, log=log,
+                      after_step=ckpt.after_step, precision=dse.DeepSpeedMetrics(run),
+                      step_fn=dse.step_function(run))
+    finally:
+        ckpt.close()
+    losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
+    records = [r for r in state.history if "lm_loss" in r]
+    rand = torch.rand(3)
+    held_out = MicroBatches(held_out_dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
+    val = evaluate(engine, held_out, 1, st)
+    run.destroy()
+    del engine, run
+    gc.collect()
+    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val,
+            "records": records}

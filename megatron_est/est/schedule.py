@@ -24,6 +24,11 @@ SCHEDULE_PRESETS: dict[str, str] = {
     # Stage 1 samples all three dimensions, stage 2 keeps every layer, stage 3 is the full model.
     # About 25% fewer layer FLOPs than the full model at equal iterations (0.2*0.25 + 0.2*0.5 + 0.6*1 = 0.75).
     "default": "0%:0.5,0.5,0.5;20%:0.5,0.5,1;40%:1,1,1",
+    # The paper's headline savings under our FLOPs counting rule (docs/est.md), at the model's preset sequence
+    # length and an equal number of iterations: stages 1 and 2 of equal length x, solved for x
+    # (tools/est_flops.py prints the saving of any schedule for any preset).
+    "gpt2-paper": "0%:0.5,0.5,0.5;29.3%:0.5,0.5,1;58.6%:1,1,1",  # 26.7% for gpt2-124m at seq 1024
+    "tinyllama-paper": "0%:0.5,0.5,0.5;21.4%:0.5,0.5,1;42.8%:1,1,1",  # 25.0% for tinyllama-1.1b at seq 2048
 }
 
 

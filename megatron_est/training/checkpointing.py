@@ -214,6 +214,17 @@ def resolve_load(cfg: Config) -> Optional[tuple[str, int]]:
     return root, iteration
 
 
+def precheck_load(cfg: Config) -> None:
+    """The part of resolve_load that needs no tokenizer: refuse a --load that holds no checkpoint at all."""
+    ck = cfg.checkpoint
+    if not ck.load:
+        return
+    same_as_save = ck.save is not None and os.path.abspath(ck.save) == os.path.abspath(ck.load)
+    if not same_as_save and (not os.path.isdir(ck.load) or read_latest_iteration(ck.load) is None):
+        what = "does not exist" if not os.path.isdir(ck.load) else f"holds no {LATEST_FILE}"
+        raise ConfigError(f"--load {ck.load}: {what} (no checkpoint to load)")
+
+
 def check_compatible(cfg: Config, meta: dict, root: str) -> None:
     """One line naming the first difference in model shape, parallel layout or engine."""
     if meta.get("format") != "megatron_est":

@@ -69,9 +69,11 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: l
 def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch.optim.Optimizer,
           sampler: SubnetworkSampler, train_batches: MicroBatches, valid_batches: Optional[MicroBatches],
           state: Optional[TrainState] = None, log: Optional[MetricsLog] = None,
-          after_step: Optional[Callable[[TrainState], bool]] = None, precision=None) -> TrainState:
+          after_step: Optional[Callable[[TrainState], bool]] = None, precision=None,
+          step_fn: Optional[Callable] = None) -> TrainState:
     """Train from state.iteration to --train-iters. after_step(state), called on every rank after each
-    step (checkpointing, exit signals), returns True to stop early."""
+    step (checkpointing, exit signals), returns True to stop early. step_fn replaces train_step (the DeepSpeed
+    engine's step; model is then the engine)."""
     tr, m = cfg.train, cfg.model
     state = state or TrainState()
     log = log or MetricsLog(tr.metrics_file, enabled=st.rank == 0)
@@ -85,7 +87,8 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
         step = state.iteration
         t0 = time.perf_counter()
         sub = sampler(step)
-        loss, norm = train_step(model, optimizer, params, train_batches, sub, cfg, st, step, precision=precision)
+        loss, norm = (step_fn or train_step)(model, optimizer, params, train_batches, sub, cfg, st, step,
+                                             precision=precision)
         step_time = time.perf_counter() - t0
         state.iteration += 1
         flops = step_flops(m, tokens_per_step, sub)

@@ -14,7 +14,7 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
-from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
+from megatron_est.training.checkpointing import precheck_load, resolve_load, setup_checkpointing
 from megatron_est.training.precision import build_precision, configure_model
 from megatron_est.training.loop import TrainState, train
 from megatron_est.training.metrics import MetricsLog
@@ -58,16 +58,25 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
     precision = build_precision(cfg.engine, st.device)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
+    ds = engine = step_fn = None
+    if cfg.engine.deepspeed:  # DeepSpeed ZeRO replaces the optimizer, precision and step (imported only here)
+        from megatron_est.training import deepspeed_engine as dse
+
+        ds = dse.initialize(cfg, st, model, log, resume)
+        model, optimizer, engine = ds.engine, None, ds.engine
+        precision, step_fn = dse.DeepSpeedMetrics(ds), dse.step_function(ds)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
               f"EST schedule: {cfg.est.schedule}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
-    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision)
+    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision, engine=engine)
     state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log,
-                  state=state, after_step=ckpt.after_step, precision=precision)
+                  state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn)
     ckpt.close()
+    if ds is not None:
+        ds.destroy()  # before the process group goes: avoids ZeRO-3 aborts at interpreter exit
     _summary(state, log)
     log.close()
     return state
@@ -93,6 +102,7 @@ def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
         cfg = parse_args(argv, description, default_preset)
         _, world, _ = pstate.env_rank_and_world()
         validate(cfg, world)
+        precheck_load(cfg)  # a --load without any checkpoint: refused before data or process groups
     except ConfigError as e:
         fail(str(e))
     if cfg.train.num_threads:

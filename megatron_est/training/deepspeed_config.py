@@ -1,0 +1,163 @@
+"""The DeepSpeed JSON of a run: the user's file as is (checked against our flags), or one derived from our flags.
+
+Nothing here imports deepspeed, so every check runs up front, before process groups, models or files exist.
+
+- Batch sizes: train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps must agree with
+  --global-batch-size, --micro-batch-size and the data-parallel size; missing or "auto" keys are filled in.
+- ZeRO stage: zero_optimization.stage of the JSON (DeepSpeed's default 0 when absent), else --zero-stage
+  (default 1). With pipeline parallelism only stages 0 and 1 are accepted, as in Megatron-DeepSpeed.
+- Precision: the JSON's bf16/fp16 sections, else --bf16/--fp16; a contradiction is refused. DeepSpeed refuses
+  fp16 without a GPU, so --fp16 is refused up front there.
+- Optimizer: the JSON's optimizer section when present (DeepSpeed builds it), else our torch AdamW (with
+  Megatron's weight-decay groups) as DeepSpeed's client optimizer. Gradient clipping from --clip-grad unless the
+  JSON sets gradient_clipping. Optimizer-state offload: the JSON's zero_optimization.offload_optimizer, or
+  --offload-optimizer for a derived config.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_est.config import Config, ConfigError
+
+DERIVED_FILE = "deepspeed_config.json"
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def read_user_json(path: str) -> dict:
+    flag = "--deepspeed_config"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{flag} {path}: the top level must be a JSON object")
+    return conf
+
+
+def _is_auto(v) -> bool:
+    return v is None or v == "auto"
+
+
+def _stage_of(conf: dict) -> int:
+    zero = conf.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--deepspeed_config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
+    """The DeepSpeed config dict this run hands to deepspeed.initialize (refusing contradictions)."""
+    e, tr = cfg.engine, cfg.train
+    mbs = tr.micro_batch_size
+    gbs = tr.global_batch_size or mbs * dp
+    gas = gbs // (mbs * dp)
+    path = e.deepspeed_config
+    conf = copy.deepcopy(read_user_json(path)) if path else {}
+    src = f"--deepspeed_config {path}" if path else "derived config"
+    ours = {"train_batch_size": (gbs, f"--global-batch-size {gbs}"),
+            "train_micro_batch_size_per_gpu": (mbs, f"--micro-batch-size {mbs}"),
+            "gradient_accumulation_steps": (gas, f"gradient accumulation {gas} (= --global-batch-size {gbs} / "
+                                                 f"(--micro-batch-size {mbs} x data-parallel size {dp}))")}
+    for key, (value, said) in ours.items():
+        theirs = conf.get(key)
+        if _is_auto(theirs):
+            conf[key] = value
+        elif theirs != value:
+            raise ConfigError(f"{src}: {key} {theirs!r} disagrees with {said}; make them agree")
+    # ZeRO stage
+    if path:
+        stage = _stage_of(conf)
+        if e.zero_stage is not None and e.zero_stage != stage:
+            raise ConfigError(f"{src}: zero_optimization.stage {stage} disagrees with --zero-stage {e.zero_stage}")
+    else:
+        stage = 1 if e.zero_stage is None else e.zero_stage
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
+        conf["zero_optimization"] = {"stage": stage}
+    zero = conf.setdefault("zero_optimization", {"stage": stage})
+    if pp > 1 and stage > 1:
+        raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
+                          "engine supports ZeRO-1 only (use --zero-stage 1, as Megatron-DeepSpeed does)")
+    if e.offload_optimizer:
+        if path and "offload_optimizer" not in zero:
+            raise ConfigError(f"{src}: --offload-optimizer with a JSON: set zero_optimization.offload_optimizer "
+                              "in the file instead")
+        if stage == 0:
+            raise ConfigError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
+    # Precision
+    json_bf16 = bool((conf.get("bf16") or {}).get("enabled", False) is True)
+    json_fp16 = bool((conf.get("fp16") or {}).get("enabled", False) is True)
+    if json_bf16 and json_fp16:
+        raise ConfigError(f"{src}: enables both bf16 and fp16")
+    if (json_bf16 and e.fp16) or (json_fp16 and e.bf16):
+        raise ConfigError(f"{src}: enables {'bf16' if json_bf16 else 'fp16'} but the run asked for "
+                          f"{'--fp16' if e.fp16 else '--bf16'}")
+    bf16, fp16 = json_bf16 or e.bf16, json_fp16 or e.fp16
+    if bf16:
+        conf.setdefault("bf16", {})["enabled"] = True
+    if fp16:
+        section = conf.setdefault("fp16", {})
+        section["enabled"] = True
+        if not path:
+            section.update({"loss_scale": 0 if e.loss_scale is None else e.loss_scale,
+                            "initial_scale_power": int(round(torch.log2(torch.tensor(e.initial_loss_scale)).item())),
+                            "loss_scale_window": e.loss_scale_window, "hysteresis": e.hysteresis,
+                            "min_loss_scale": e.min_loss_scale})
+        if not torch.cuda.is_available():
+            raise ConfigError("--fp16 under --deepspeed needs a GPU (DeepSpeed refuses fp16 on CPU); use --bf16")
+    # Clipping, client optimizer, quiet logging
+    if _is_auto(conf.get("gradient_clipping")):
+        conf["gradient_clipping"] = tr.clip_grad
+    if "optimizer" not in conf:
+        conf.setdefault("zero_allow_untested_optimizer", True)
+        if zero.get("offload_optimizer"):
+            conf.setdefault("zero_force_ds_cpu_optimizer", False)  # accept our torch AdamW on offloaded state
+    conf.setdefault("steps_per_print", 10 ** 9)
+    conf.setdefault("wall_clock_breakdown", False)
+    return conf
+
+
+def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> None:
+    """Up-front refusals for --deepspeed (called from config.validate)."""
+    if not deepspeed_installed():
+        raise ConfigError("--deepspeed: DeepSpeed is not installed (pip install deepspeed, or drop --deepspeed "
+                          "to use the plain torch engine)")
+    conf = resolve_config(cfg, tp, pp, dp)
+    e = cfg.engine
+    e.bf16 = bool((conf.get("bf16") or {}).get("enabled"))  # the JSON decides when it enables a precision
+    e.fp16 = bool((conf.get("fp16") or {}).get("enabled"))
+    e.resolved_zero_stage = _stage_of(conf)
+
+
+def write_derived(conf: dict, cfg: Config) -> Optional[str]:
+    """Write a derived config next to the run (the --save directory, else beside --metrics-file) for tuning."""
+    if cfg.engine.deepspeed_config:
+        return None
+    where = cfg.checkpoint.save or (os.path.dirname(os.path.abspath(cfg.train.metrics_file))
+                                    if cfg.train.metrics_file else None)
+    if where is None:
+        return None
+    os.makedirs(where, exist_ok=True)
+    path = os.path.join(where, DERIVED_FILE)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(conf, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

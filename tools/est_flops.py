@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Print the training FLOPs an EST schedule saves against the full model, for any model preset, without training.
+
+    python tools/est_flops.py --model-preset gpt2-124m --est-schedule gpt2-paper
+    python tools/est_flops.py --model-preset tinyllama-1.1b --est-schedule "0:0.5,0.5,0.5;3000:0.5,0.5,1;6000:1,1,1" \
+        --train-iters 10000 --global-batch-size 1024
+
+Takes the training flags (model, batch, EST); counting rule: docs/est.md. Each step's subnetwork is drawn exactly
+as training draws it, so the figure equals the run's logged cumulative saving.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_est.arguments import parse_args  # noqa: E402
+from megatron_est.config import ConfigError  # noqa: E402
+from megatron_est.est.build import build_sampler  # noqa: E402
+from megatron_est.est.savings import saving, schedule_flops  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> float:
+    try:
+        cfg = parse_args(argv, __doc__.splitlines()[0], "gpt2-124m")
+        sampler = build_sampler(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tr, m = cfg.train, cfg.model
+    gbs = tr.global_batch_size or tr.micro_batch_size
+    stages = schedule_flops(m, sampler, tr.train_iters, gbs * m.seq_length)
+    print(f"model {m.family} {m.num_layers}L h{m.hidden_size} seq {m.seq_length} vocab {m.padded_vocab_size}; "
+          f"schedule {cfg.est.schedule!r}; {tr.train_iters} iterations of {gbs * m.seq_length} tokens")
+    print("| stage | iterations | first | rates (pH,pM,pL) | step FLOPs / full |")
+    print("|---|---|---|---|---|")
+    for st in stages:
+        r = sampler.schedule.stages[st.stage - 1]
+        print(f"| {st.stage} | {st.iterations} | {st.first} | {r.p_heads:g},{r.p_mlp:g},{r.p_layers:g} | "
+              f"{st.flops / st.full_flops:.4f} |")
+    total = saving(stages)
+    print(f"training FLOPs: {sum(s.flops for s in stages):.4e} vs full model "
+          f"{sum(s.full_flops for s in stages):.4e}: {100 * total:.2f}% saved")
+    return total
+
+
+if __name__ == "__main__":
+    main()
