@@ -1,0 +1,1 @@
+"""The reproduction study: baseline vs EST vs compute-matched control, over seeds; report and plots."""
