@@ -97,19 +97,8 @@ def test_deepspeed_checkpoint_resumes_exactly(dp2):
 
 
 def test_zero3_checkpoint_exports_to_transformers(dp2, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from tests.engine_harness import held_out_dataset
-    from tools import convert_checkpoint as tool
-
     ckdir, results = dp2
-    assert tool.main(["export-hf", "--load", ckdir, "--output", str(tmp_path / "hf")]) == 0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    cfg = make_cfg()
-    tokens = torch.stack([held_out_dataset(cfg)[i]["tokens"] for i in range(cfg.train.global_batch_size)])
-    with torch.no_grad():
-        logits = hf(tokens[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    assert abs(float(loss) - results[0]["z3_second"]["val_loss"]) < 1e-5
+    _check_export(ckdir, tmp_path / "hf", results[0]["z3_second"]["val_loss"])
 
 
 def test_bf16_deepspeed_close_to_plain_bf16(dp2):
@@ -166,7 +155,7 @@ def test_deepspeed_json_accepted_as_is_and_checked(tmp_path):
 
 
 def test_refusals_up_front(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="DeepSpeed's pipeline engine supports ZeRO-1 only"):
+    with pytest.raises(ConfigError, match="DeepSpeed supports ZeRO-1 only"):
         validate(make_cfg(pp=2, engine={"deepspeed": True, "zero_stage": 3}), 4)
     with pytest.raises(ConfigError, match="ZeRO stage 2 with --pipeline-model-parallel-size 2"):
         validate(make_cfg(pp=2, engine={"deepspeed": True, "zero_stage": 2}), 4)
@@ -220,3 +209,50 @@ def test_plain_engine_never_imports_deepspeed():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0 and "ok 2" in proc.stdout, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ ZeRO-1 with pipelining
+def _pp_worker(rank, world, tp, ckdir):
+    cfg = make_cfg(tp=tp, pp=2)
+    st = parallel_state(rank, world, cfg)
+    z1 = _ds({"tp": tp, "pp": 2}, zero_stage=1)
+    out = {"plain": run_plain(cfg, st), "zero1": run_deepspeed(z1, st)}
+    if ckdir:
+        out["first"] = run_deepspeed(with_checkpoint(z1, save=ckdir, exit_interval=4), st)
+        out["second"] = run_deepspeed(with_checkpoint(z1, save=ckdir, load=ckdir), st)
+    return out
+
+
+def test_zero1_with_pipeline_matches_plain_and_resumes_pp2_dp2(tmp_path):
+    ckdir = str(tmp_path / "ck")
+    for r in run_distributed(_pp_worker, 4, 1, ckdir):
+        _assert_same_curve(r["zero1"], r["plain"], "pp2 zero1")
+        assert r["first"]["end"] == 4 and r["second"]["start"] == 4
+        for it in range(5, 9):
+            assert r["second"]["losses"][it] == r["zero1"]["losses"][it], it
+    files = sorted(os.listdir(os.path.join(ckdir, "iter_0000008")))
+    assert {"est_state_mp_rank_00_000.pt", "est_state_mp_rank_00_001.pt", "mp_rank_00_model_states.pt",
+            "mp_rank_01_model_states.pt"} <= set(files)
+    _check_export(ckdir, tmp_path / "hf", r["second"]["val_loss"])
+
+
+def _check_export(ckdir, out, val_loss):
+    """Export a DeepSpeed checkpoint (stage shards merged): transformers gives our held-out loss."""
+    transformers = pytest.importorskip("transformers")
+    from tests.engine_harness import held_out_dataset
+    from tools import convert_checkpoint as tool
+
+    assert tool.main(["export-hf", "--load", ckdir, "--output", str(out)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    cfg = make_cfg()
+    tokens = torch.stack([held_out_dataset(cfg)[i]["tokens"] for i in range(cfg.train.global_batch_size)])
+    with torch.no_grad():
+        logits = hf(tokens[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(float(loss) - val_loss) < 1e-5
+
+
+@pytest.mark.slow
+def test_zero1_with_pipeline_matches_plain_tp2_pp2_dp2():
+    for r in run_distributed(_pp_worker, 8, 2, None):
+        _assert_same_curve(r["zero1"], r["plain"], "tp2 pp2 zero1")

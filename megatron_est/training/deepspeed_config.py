@@ -90,9 +90,9 @@ def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {stage}")
         conf["zero_optimization"] = {"stage": stage}
     zero = conf.setdefault("zero_optimization", {"stage": stage})
-    if pp > 1 and stage > 1:
-        raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's pipeline "
-                          "engine supports ZeRO-1 only (use --zero-stage 1, as Megatron-DeepSpeed does)")
+    if pp > 1 and stage != 1:
+        raise ConfigError(f"ZeRO stage {stage} with --pipeline-model-parallel-size {pp}: with pipeline "
+                          "parallelism DeepSpeed supports ZeRO-1 only (use --zero-stage 1, as Megatron-DeepSpeed does)")
     if e.offload_optimizer:
         if path and "offload_optimizer" not in zero:
             raise ConfigError(f"{src}: --offload-optimizer with a JSON: set zero_optimization.offload_optimizer "

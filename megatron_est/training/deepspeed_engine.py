@@ -147,9 +147,16 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
         path = write_derived(ds_config, cfg)
         if path and log is not None:
             log.print(f"> DeepSpeed config derived from the flags written to {path}")
-    for p in model.parameters():  # DeepSpeed's own marker for tensor-parallel shards (gradient norms)
-        if getattr(p, "tensor_parallel", False):
-            p.tensor_model_parallel = True
+    if st.pp > 1:
+        from megatron_est.training import deepspeed_pipeline
+
+        gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * st.dp
+        ds_config = deepspeed_pipeline.adapt_config(ds_config, gbs // (cfg.train.micro_batch_size * st.dp))
+        deepspeed_pipeline.mark_params_for_norm(model, st)
+    else:
+        for p in model.parameters():  # DeepSpeed's own marker for tensor-parallel shards (gradient norms)
+            if getattr(p, "tensor_parallel", False):
+                p.tensor_model_parallel = True
     groups = _param_groups(model, cfg.train.weight_decay)
     tr = cfg.train
     client_opt = None
@@ -226,6 +233,7 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
         lr = learning_rate(cfg.train, step)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
+    run.current_sub = sub
     if st.pp > 1:
         from megatron_est.training.deepspeed_pipeline import pipelined_step
 
