@@ -194,3 +194,60 @@ def test_stratified_kept_layers_per_stage(pp, first, last):
     assert any(c != expect for c in counts[False])
     if first is None:
         assert len(set(expect)) == 1
+
+
+def test_stage_flops_add_up_to_step_flops():
+    from megatron_est.est.flops import stage_step_flops, step_flops
+
+    cfg = _cfg("llama", "strat", pp=2, first=1, last=3)
+    sub = build_sampler(cfg)(0)
+    stages = stage_ranges(cfg)
+    parts = [stage_step_flops(cfg.model, 128, sub, r, with_head=i == len(stages) - 1) for i, r in enumerate(stages)]
+    assert sum(parts) == step_flops(cfg.model, 128, sub) and 0 < parts[0] < parts[1]
+
+
+def _shard_skipping_sub(cfg):
+    """Layer 0 keeps heads of TP shard 0 only, layer 1 neurons of shard 1 only (possible when unstratified)."""
+    from megatron_est.est.sampler import Subnetwork
+    from megatron_est.est.schedule import Stage
+
+    f = cfg.ffn_hidden_size
+    heads = (torch.tensor([0, 2]), torch.arange(8), torch.arange(8), torch.arange(8))
+    neurons = (torch.arange(f), torch.arange(f // 2, f, 3), torch.arange(f), torch.arange(f))
+    return Subnetwork(0, Stage(0, 0.5, 0.5, 1.0), (0, 1, 2, 3), heads, neurons, 1.0)
+
+
+def _shard_skip_loss_and_grads(st: ParallelState) -> dict:
+    out = {}
+    for family in FAMILIES:
+        cfg = tiny(family, num_layers=4)
+        from megatron_est.model.language_model import LanguageModel
+
+        model = LanguageModel(cfg, st, seed=8)
+        ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1), generator=torch.Generator().manual_seed(1))
+        loss = model(ids[:, :-1], ids[:, 1:], model.make_plan(_shard_skipping_sub(cfg))).mean()
+        loss.backward()
+        out[family] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return out
+
+
+def _shard_skip_worker(rank: int, world: int) -> dict:
+    import datetime
+
+    import torch.distributed as dist
+
+    # A short timeout turns a collective that one shard skips (a hang) into an error.
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=30))
+    return _shard_skip_loss_and_grads(ParallelState(world, rank, tp=2, tp_group=group))
+
+
+def test_tp_shard_without_heads_or_neurons_joins_every_collective():
+    """A TP shard that kept no head (or no neuron) of a layer must still run the backward all-reduce of its
+    column-parallel input, or the shards' collectives fall out of step (seen as a hang in the benchmark)."""
+    ref = _shard_skip_loss_and_grads(ParallelState())
+    for rank, res in enumerate(run_distributed(_shard_skip_worker, 2)):
+        for family in FAMILIES:
+            loss, grads = res[family]
+            torch.testing.assert_close(loss, ref[family][0], rtol=1e-5, atol=1e-6)
+            for name in ("decoder.layers.0.input_norm.weight", "decoder.layers.1.post_attention_norm.weight"):
+                torch.testing.assert_close(grads[name], ref[family][1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -37,8 +37,15 @@ def head_forward_flops_per_token(cfg: ModelConfig) -> int:
 
 def step_flops(cfg: ModelConfig, tokens: int, sub: Optional[Subnetwork] = None) -> int:
     """Training FLOPs of one optimizer step over `tokens` tokens (all micro-batches, all data-parallel ranks)."""
-    per_token = head_forward_flops_per_token(cfg)
-    for i in range(cfg.num_layers):
+    return stage_step_flops(cfg, tokens, sub, (0, cfg.num_layers), with_head=True)
+
+
+def stage_step_flops(cfg: ModelConfig, tokens: int, sub: Optional[Subnetwork], layer_range: tuple[int, int],
+                     with_head: bool) -> int:
+    """The share of step_flops run by the layers [start, end) of one pipeline stage (and the LM head when it
+    is the last stage): the pipeline's step time follows the stage with the most."""
+    per_token = head_forward_flops_per_token(cfg) if with_head else 0
+    for i in range(*layer_range):
         if sub is None or sub.is_full:
             n_q, n_kv, n_m = cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
         elif i not in sub.layers:

@@ -70,8 +70,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_map is not None:  # unequal kept heads per KV group: give each query head its own K/V copy
             k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)
-        if n_q == 0:  # this shard kept no head (unstratified sampling); still join the TP collectives
-            out = x.new_zeros(b, s, 0)
+        if n_q == 0:  # this shard kept no head (unstratified sampling); still join the TP collectives, the
+            # backward one of the qkv input too: an empty output still wired to q, not a fresh zeros tensor
+            out = q.transpose(1, 2).reshape(b, s, 0)
         else:
             o = core_attention(self, q, k, v, enable_gqa=k.shape[1] != n_q)  # (recomputed if selective)
             out = o.transpose(1, 2).reshape(b, s, n_q * d)
