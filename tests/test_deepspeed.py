@@ -46,6 +46,7 @@ def _dp2_worker(rank, world, ckdir):
     dse.zero_stale_gradients = fix
     for stage in (1, 2, 3):
         out[f"zero{stage}_offload"] = run_deepspeed(_ds(zero_stage=stage, offload_optimizer=True), st)
+    out["zero3_recompute"] = run_deepspeed(_ds(zero_stage=3, recompute_granularity="full"), st)
     # Checkpoint/resume in DeepSpeed's format (ZeRO-3): SIGTERM-free exit at 4, resume to 8.
     z3 = _ds(zero_stage=3)
     out["z3_first"] = run_deepspeed(with_checkpoint(z3, save=ckdir, exit_interval=4), st)
@@ -78,6 +79,11 @@ def test_zero3_needs_the_stale_gradient_fix(dp2):
 def test_zero_with_optimizer_offload_matches(dp2, stage):
     for r in dp2[1]:
         _assert_same_curve(r[f"zero{stage}_offload"], r["plain"], f"zero{stage} + offload")
+
+
+def test_zero3_with_full_recompute_matches(dp2):
+    for r in dp2[1]:
+        _assert_same_curve(r["zero3_recompute"], r["plain"], "zero3 + recompute")
 
 
 def test_deepspeed_checkpoint_resumes_exactly(dp2):
