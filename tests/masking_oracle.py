@@ -60,4 +60,5 @@ def oracle_loss(model, ids: torch.Tensor, labels: torch.Tensor, sub: Subnetwork)
     x = _norm(cfg, x, P["final_norm.weight"], P.get("final_norm.bias"))
     head = P["embedding.weight"] if cfg.tie_embeddings else P["output_layer.weight"]
     logits = F.linear(x, head)
+    logits[..., cfg.vocab_size:] = float("-inf")  # padding rows of the vocabulary take no probability
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(b, s)

@@ -44,3 +44,21 @@ def test_import_export_round_trip_is_lossless(family):
             assert torch.equal(back[k][: cfg.vocab_size], sd[k][: cfg.vocab_size])
         else:
             assert torch.equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_matches_transformers_despite_vocab_padding(family):
+    """Padded vocabulary rows (250 -> 256 here) take no probability mass, so the loss is the HF model's."""
+    cfg = tiny(family)
+    assert cfg.padded_vocab_size > cfg.vocab_size
+    ours = LanguageModel(cfg, seed=7).eval()
+    hf = _hf_model(cfg).eval()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    with torch.no_grad():
+        for p in ours.embedding.weight[cfg.vocab_size:]:
+            p.normal_()  # whatever the padding rows hold must not matter
+    ids, labels = token_batch(cfg, batch=2)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(hf(ids).logits.flatten(0, 1), labels.flatten())
+        got = ours(ids, labels).mean()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
