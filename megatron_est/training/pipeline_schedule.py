@@ -26,7 +26,8 @@ from megatron_est.training.batches import MicroBatches
 @dataclass
 class StageTimer:
     """Where one rank's schedule time went (accumulated over calls)."""
-    busy_s: float = 0.0  # forward and backward compute (including tensor-parallel collectives)
+    busy_s: float = 0.0  # forward and backward compute (including tensor-parallel collectives), wall clock
+    busy_cpu_s: float = 0.0  # the same spans in this thread's CPU time: unaffected by other jobs on the cores
     wall_s: float = 0.0  # the whole schedule: compute plus waiting for the neighbouring stages
 
     @property
@@ -54,7 +55,7 @@ class _StageStep:
 
     def forward(self, micro: int, x: Optional[torch.Tensor]) -> torch.Tensor:
         """Hidden states to send on, or (last stage) this micro-batch's scaled mean loss."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         tokens = self._tokens(micro)
         inputs = tokens[:, :-1] if self.st.is_first_stage else x
         labels = tokens[:, 1:] if self.st.is_last_stage else None
@@ -74,16 +75,20 @@ class _StageStep:
         """Backpropagate one micro-batch; return the gradient for the previous stage (None on the first)."""
         if y is x:  # every layer of this middle stage was skipped: the identity passes the gradient through
             return grad_y
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if grad_y is None and self.precision is not None:
             y = self.precision.scale(y)  # fp16: the loss scale enters here, once, on the last stage
         torch.autograd.backward(y, grad_tensors=grad_y)  # grad_y is None on the last stage: y is the loss
         self._add_busy(t0)
         return None if x is None else x.grad
 
-    def _add_busy(self, t0: float) -> None:
+    def _clock(self) -> tuple[float, float]:
+        return (time.perf_counter(), time.thread_time()) if self.timer is not None else (0.0, 0.0)
+
+    def _add_busy(self, t0: tuple[float, float]) -> None:
         if self.timer is not None:
-            self.timer.busy_s += time.perf_counter() - t0
+            self.timer.busy_s += time.perf_counter() - t0[0]
+            self.timer.busy_cpu_s += time.thread_time() - t0[1]
 
 
 def forward_backward(model: LanguageModel, batches: MicroBatches, step: int, plan: Optional[ModelPlan],
