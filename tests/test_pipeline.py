@@ -9,12 +9,19 @@ Forward hooks on the layers record which layers each stage really ran in each st
 """
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, stage_ranges, validate
 from megatron_est.est.build import build_sampler
+from megatron_est.est.flops import stage_step_flops, step_flops
+from megatron_est.est.sampler import Subnetwork
+from megatron_est.est.schedule import Stage
 from megatron_est.model.build import build_model
+from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
 from megatron_est.training.loop import train
@@ -154,7 +161,8 @@ def test_layouts_equal_single_process(world_results, reference):
         for family in FAMILIES:
             for run in runs:
                 key = (tp, pp, first, last, family, run)
-                _compare(reference[(family, run)], [r[key] for r in results], _cfg(family, run, tp, pp, first, last))
+                cfg = _cfg(family, run, tp, pp, first, last)
+                _compare(reference[(family, run)], [r[key] for r in results], cfg)
 
 
 def test_runs_cover_skipped_stages_and_all_est_stages(reference):
@@ -197,8 +205,6 @@ def test_stratified_kept_layers_per_stage(pp, first, last):
 
 
 def test_stage_flops_add_up_to_step_flops():
-    from megatron_est.est.flops import stage_step_flops, step_flops
-
     cfg = _cfg("llama", "strat", pp=2, first=1, last=3)
     sub = build_sampler(cfg)(0)
     stages = stage_ranges(cfg)
@@ -208,9 +214,6 @@ def test_stage_flops_add_up_to_step_flops():
 
 def _shard_skipping_sub(cfg):
     """Layer 0 keeps heads of TP shard 0 only, layer 1 neurons of shard 1 only (possible when unstratified)."""
-    from megatron_est.est.sampler import Subnetwork
-    from megatron_est.est.schedule import Stage
-
     f = cfg.ffn_hidden_size
     heads = (torch.tensor([0, 2]), torch.arange(8), torch.arange(8), torch.arange(8))
     neurons = (torch.arange(f), torch.arange(f // 2, f, 3), torch.arange(f), torch.arange(f))
@@ -221,8 +224,6 @@ def _shard_skip_loss_and_grads(st: ParallelState) -> dict:
     out = {}
     for family in FAMILIES:
         cfg = tiny(family, num_layers=4)
-        from megatron_est.model.language_model import LanguageModel
-
         model = LanguageModel(cfg, st, seed=8)
         ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1), generator=torch.Generator().manual_seed(1))
         loss = model(ids[:, :-1], ids[:, 1:], model.make_plan(_shard_skipping_sub(cfg))).mean()
@@ -232,10 +233,6 @@ def _shard_skip_loss_and_grads(st: ParallelState) -> dict:
 
 
 def _shard_skip_worker(rank: int, world: int) -> dict:
-    import datetime
-
-    import torch.distributed as dist
-
     # A short timeout turns a collective that one shard skips (a hang) into an error.
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=30))
     return _shard_skip_loss_and_grads(ParallelState(world, rank, tp=2, tp_group=group))

@@ -21,7 +21,8 @@ CASES = [
      "--num-layers 8 minus --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers leaves 5 "
      "layers, not divisible by the 2 other stages"),
     (["--num-layers", "4", PP, "2", "--decoder-first-pipeline-num-layers", "1",
-      "--decoder-last-pipeline-num-layers", "2"], 2, "--decoder-first-pipeline-num-layers 1 + --decoder-last-pipeline-num-layers 2 must equal --num-layers 4"),
+      "--decoder-last-pipeline-num-layers", "2"], 2,
+     "--decoder-first-pipeline-num-layers 1 + --decoder-last-pipeline-num-layers 2 must equal --num-layers 4"),
     (["--decoder-last-pipeline-num-layers", "2"], 1, "need --pipeline-model-parallel-size > 1"),
     ([PP, "2", "--micro-batch-size", "2", "--global-batch-size", "6"], 4,
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
