@@ -66,7 +66,7 @@ def main() -> None:
     full_flops = step_flops(cfg, n_tok)
     print(f"# bench_est_step: preset {args.preset}, seq {cfg.seq_length}, micro-batch {args.micro_batch_size}, "
           f"{sum(p.numel() for p in params) / 1e6:.1f}M params, threads {args.threads}, reps {args.reps}")
-    print(f"| variant | FLOPs ratio | step time ratio | diff | fwd+bwd time ratio | diff | median step s |")
+    print("| variant | FLOPs ratio | step time ratio | diff | fwd+bwd time ratio | diff | median step s |")
     print("|---|---|---|---|---|---|---|")
     base_step, base_fb = median(times["step:full"]), median(times["fwd+bwd:full"])
     for name in STAGES:

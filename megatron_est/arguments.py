@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from typing import Optional
 
-from megatron_est.config import (MODEL_PRESETS, CheckpointConfig, Config, ConfigError, DataConfig,
+from megatron_est.config import (MODEL_PRESETS, CheckpointConfig, Config, DataConfig,
                                  EngineConfig, ESTConfig, ModelConfig, ParallelConfig, TrainConfig,
                                  model_preset)
 

@@ -10,7 +10,8 @@ from megatron_est.config import (CheckpointConfig, Config, EngineConfig, ESTConf
 from megatron_est.est.build import build_sampler
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
-from megatron_est.training.checkpointing import resolve_load, setup_checkpointing
+from megatron_est.training.checkpoint_layout import resolve_load
+from megatron_est.training.checkpointing import setup_checkpointing
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog

@@ -1,6 +1,5 @@
 """Checkpoints of the plain torch engine: exact resume (EST schedule, data position, RNG), SIGTERM, atomic saves,
 pruning, and refusal of missing or mismatched checkpoints."""
-import dataclasses
 import json
 import os
 import random
@@ -11,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_est.config import ConfigError
-from megatron_est.training import checkpointing
+from megatron_est.training import checkpoint_layout, checkpointing
 from tests.engine_harness import make_cfg, parallel_state, run_plain, with_checkpoint
 from tests.helpers import run_distributed
 
@@ -69,9 +68,9 @@ def test_resume_gives_identical_losses_tp2_pp2_dp2(resumed):
 
 def test_layout_latest_pointer_and_keep_last(resumed):
     ckdir, results = resumed
-    assert results[0]["after_first"] == ["iter_0000004", "iter_0000005", checkpointing.LATEST_FILE]
-    assert results[0]["after_second"] == ["iter_0000006", "iter_0000008", checkpointing.LATEST_FILE]
-    assert open(os.path.join(ckdir, checkpointing.LATEST_FILE)).read().strip() == "8"
+    assert results[0]["after_first"] == ["iter_0000004", "iter_0000005", checkpoint_layout.LATEST_FILE]
+    assert results[0]["after_second"] == ["iter_0000006", "iter_0000008", checkpoint_layout.LATEST_FILE]
+    assert open(os.path.join(ckdir, checkpoint_layout.LATEST_FILE)).read().strip() == "8"
     it_dir = os.path.join(ckdir, "iter_0000008")
     assert sorted(os.listdir(it_dir)) == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
                                           "mp_rank_01_001"]
@@ -95,14 +94,14 @@ def test_mismatched_or_missing_load_is_refused(resumed, tmp_path):
              (make_cfg(tp=2, pp=2, family="llama"), "--model-family gpt2")]
     for cfg, needle in cases:
         with pytest.raises(ConfigError, match=needle) as e:
-            checkpointing.resolve_load(with_checkpoint(cfg, load=ckdir, save=ckdir))
+            checkpoint_layout.resolve_load(with_checkpoint(cfg, load=ckdir, save=ckdir))
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="does not exist"):
-        checkpointing.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path / "nope")))
+        checkpoint_layout.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="holds no latest_checkpointed_iteration.txt"):
-        checkpointing.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path)))
+        checkpoint_layout.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path)))
     # --load equal to --save with nothing saved yet: the auto-resume pattern starts fresh.
-    assert checkpointing.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path), save=str(tmp_path))) is None
+    assert checkpoint_layout.resolve_load(with_checkpoint(make_cfg(), load=str(tmp_path), save=str(tmp_path))) is None
     assert sorted(os.listdir(ckdir)) == before  # nothing written or removed
 
 
@@ -134,14 +133,14 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     ckdir = str(tmp_path)
     with pytest.raises(mp.ProcessExitedException):
         run_distributed(_kill_during_second_save, 2, ckdir)
-    assert open(os.path.join(ckdir, checkpointing.LATEST_FILE)).read().strip() == "2"
+    assert open(os.path.join(ckdir, checkpoint_layout.LATEST_FILE)).read().strip() == "2"
     assert os.path.isdir(os.path.join(ckdir, ".tmp.iter_0000004"))  # the interrupted save, never visible
     assert not os.path.exists(os.path.join(ckdir, "iter_0000004"))
-    assert checkpointing.resolve_load(with_checkpoint(make_cfg(), load=ckdir)) == (ckdir, 2)
+    assert checkpoint_layout.resolve_load(with_checkpoint(make_cfg(), load=ckdir)) == (ckdir, 2)
     results = run_distributed(_resume_after_kill, 2, ckdir)
     assert [(r["start"], r["end"]) for r in results] == [(2, 6), (2, 6)]
     assert sorted(os.listdir(ckdir)) == ["iter_0000002", "iter_0000004", "iter_0000006",
-                                         checkpointing.LATEST_FILE]  # leftovers cleaned by the next save
+                                         checkpoint_layout.LATEST_FILE]  # leftovers cleaned by the next save
 
 
 def test_rng_state_round_trip():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megatron_est.est.sampler import Strata, Subnetwork, SubnetworkSampler, even_ranges
+from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
 from megatron_est.est.schedule import Schedule, Stage
 from megatron_est.model.language_model import LanguageModel
 from tests.helpers import tiny, token_batch

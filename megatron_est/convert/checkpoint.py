@@ -19,7 +19,7 @@ import torch
 from megatron_est.config import Config, ConfigError, ModelConfig, ParallelConfig
 from megatron_est.convert.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from megatron_est.parallel.state import ParallelState
-from megatron_est.training import checkpointing as ckpt
+from megatron_est.training import checkpoint_layout as layout, checkpointing as ckpt
 
 _LAYER_PREFIX = "decoder.layers."
 
@@ -52,16 +52,16 @@ def stage_layer_ranges(cfg: Config) -> list[tuple[int, int]]:
 def resolve_iteration(root: str, iteration: Optional[int]) -> int:
     if iteration is not None:
         return iteration
-    it = ckpt.read_latest_iteration(root)
+    it = layout.read_latest_iteration(root)
     if it is None:
-        raise ConfigError(f"--load {root}: no {ckpt.LATEST_FILE} (give --iteration)")
+        raise ConfigError(f"--load {root}: no {layout.LATEST_FILE} (give --iteration)")
     return it
 
 
 def merge_checkpoint(root: str, iteration: Optional[int] = None) -> tuple[ModelConfig, dict, dict]:
     """(model config, full fp32/original-dtype state dict with global names, metadata) of a checkpoint."""
     iteration = resolve_iteration(root, iteration)
-    meta = ckpt.read_metadata(root, iteration)
+    meta = layout.read_metadata(root, iteration)
     model_cfg = ModelConfig(**meta["model"])
     par = meta["parallel"]
     tp, pp = par["tensor_model_parallel_size"], par["pipeline_model_parallel_size"]
@@ -71,7 +71,7 @@ def merge_checkpoint(root: str, iteration: Optional[int] = None) -> tuple[ModelC
         shards = {}
         for p in range(pp):
             for t in range(tp):
-                path = ckpt.shard_path(root, iteration, t, p, pp)
+                path = layout.shard_path(root, iteration, t, p, pp)
                 if not os.path.isfile(path):
                     raise ConfigError(f"--load {root}: shard {path} is missing")
                 payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -148,7 +148,7 @@ def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int 
 
     Written like a training save: a temporary directory renamed into place, then the latest pointer.
     """
-    name = ckpt.iter_dir_name(iteration)
+    name = layout.iter_dir_name(iteration)
     tmp, final = os.path.join(root, ".tmp." + name), os.path.join(root, name)
     if os.path.exists(final):
         raise ConfigError(f"--save {root}: {name} already exists (refusing to overwrite)")
@@ -157,20 +157,20 @@ def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int 
     shutil.rmtree(tmp, ignore_errors=True)
     pp = cfg.parallel.pipeline_model_parallel_size
     for (t, p), (local, info) in shards.items():
-        shard_dir = os.path.join(tmp, ckpt.shard_dir_name(t, p, pp))
+        shard_dir = os.path.join(tmp, layout.shard_dir_name(t, p, pp))
         os.makedirs(shard_dir)
-        ckpt._save_file({"checkpoint_version": ckpt.CHECKPOINT_VERSION, "format": "megatron_est",
-                         "iteration": iteration, "model": local, "parallel": info, "args": ckpt.config_dict(cfg)},
-                        os.path.join(shard_dir, ckpt.SHARD_FILE))
+        ckpt._save_file({"checkpoint_version": layout.CHECKPOINT_VERSION, "format": "megatron_est",
+                         "iteration": iteration, "model": local, "parallel": info, "args": layout.config_dict(cfg)},
+                        os.path.join(shard_dir, layout.SHARD_FILE))
     par = dataclasses.asdict(cfg.parallel)
     par.pop("distributed_backend", None)
     par["data_parallel_size"] = None
-    meta = {"format": "megatron_est", "checkpoint_version": ckpt.CHECKPOINT_VERSION, "engine": "torch",
+    meta = {"format": "megatron_est", "checkpoint_version": layout.CHECKPOINT_VERSION, "engine": "torch",
             "weights_only": True, "iteration": iteration, "consumed_samples": 0, "global_batch_size": None,
             "model": dataclasses.asdict(cfg.model), "parallel": par, "source": source}
-    ckpt.write_text_atomic(os.path.join(tmp, ckpt.METADATA_FILE), json.dumps(meta, indent=1))
+    ckpt.write_text_atomic(os.path.join(tmp, layout.METADATA_FILE), json.dumps(meta, indent=1))
     os.replace(tmp, final)
-    ckpt.write_text_atomic(os.path.join(root, ckpt.LATEST_FILE), str(iteration))
+    ckpt.write_text_atomic(os.path.join(root, layout.LATEST_FILE), str(iteration))
     return final
 
 

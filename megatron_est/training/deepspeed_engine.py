@@ -138,9 +138,9 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
     """
     deepspeed = import_deepspeed()
     if resume is not None:
-        from megatron_est.training import checkpointing as ckpt
+        from megatron_est.training import checkpoint_layout as layout, checkpointing as ckpt
 
-        if ckpt.read_metadata(*resume).get("weights_only"):
+        if layout.read_metadata(*resume).get("weights_only"):
             ckpt.load_weights_only(model, resume[0], resume[1], st)
     ds_config = resolve_config(cfg, st.tp, st.pp, st.dp)
     if st.rank == 0:
@@ -297,15 +297,15 @@ def read_deepspeed_module_states(root: str, iteration: int, tp: int, pp: int) ->
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from megatron_est.training import checkpointing as ckpt
+    from megatron_est.training import checkpoint_layout as layout
 
-    name = ckpt.iter_dir_name(iteration)
+    name = layout.iter_dir_name(iteration)
     it_dir = os.path.join(root, name)
     out = {}
     for p in range(pp):
         for t in range(tp):
             mp = p * tp + t
-            extra = torch.load(ckpt.est_state_path(root, iteration, t, p, pp), map_location="cpu",
+            extra = torch.load(layout.est_state_path(root, iteration, t, p, pp), map_location="cpu",
                                weights_only=True)
             files = [f for f in glob.glob(os.path.join(it_dir, f"*mp_rank_{mp:02d}_*.pt"))
                      if not os.path.basename(f).startswith("est_state_")]

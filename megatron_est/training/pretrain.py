@@ -14,7 +14,8 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
-from megatron_est.training.checkpointing import precheck_load, resolve_load, setup_checkpointing
+from megatron_est.training.checkpoint_layout import precheck_load, resolve_load
+from megatron_est.training.checkpointing import setup_checkpointing
 from megatron_est.training.precision import build_precision, configure_model
 from megatron_est.training.loop import TrainState, train
 from megatron_est.training.metrics import MetricsLog

@@ -1,0 +1,175 @@
+"""Checkpoint layout (Megatron's directory names, latest pointer, metadata) and the checks made before --load.
+
+Pure file reads and name arithmetic, the same on every rank; see checkpointing.py for saving and loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_est.config import Config, ConfigError
+from megatron_est.parallel.state import ParallelState
+
+CHECKPOINT_VERSION = 1
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "metadata.json"
+SHARD_FILE = "model_optim_rng.pt"
+_TMP_PREFIX = ".tmp."
+_OLD_PREFIX = ".old."
+
+# Model fields that must match the checkpoint's, with the flag that sets each.
+_SHAPE_FIELDS = {"family": "--model-family", "num_layers": "--num-layers", "hidden_size": "--hidden-size",
+                 "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+                 "ffn_hidden_size": "--ffn-hidden-size", "vocab_size": "--vocab-size (the tokenizer)",
+                 "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+                 "max_position_embeddings": "--max-position-embeddings", "normalization": "--normalization",
+                 "activation": "--activation", "position_embedding": "--position-embedding",
+                 "add_bias": "--add-bias", "tie_embeddings": "--tie-embeddings",
+                 # not shapes, but a different value silently changes the function the weights compute
+                 "norm_epsilon": "--norm-epsilon", "rotary_base": "--rotary-base"}
+
+
+# ---------------------------------------------------------------------------------------------- names
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def shard_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    return os.path.join(root, iter_dir_name(iteration), shard_dir_name(tp_rank, pp_rank, pp), SHARD_FILE)
+
+
+def est_state_path(root: str, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Our extra state next to a DeepSpeed checkpoint."""
+    return os.path.join(root, iter_dir_name(iteration), f"est_state_{shard_dir_name(tp_rank, pp_rank, pp)}.pt")
+
+
+def read_latest_iteration(root: str) -> Optional[int]:
+    """The iteration the latest pointer names, or None when there is no pointer."""
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--load {root}: {LATEST_FILE} holds {text!r}, not an iteration number") from None
+
+
+def read_metadata(root: str, iteration: int) -> dict:
+    path = os.path.join(root, iter_dir_name(iteration), METADATA_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--load {root}: {LATEST_FILE} names iteration {iteration} but {path} is missing "
+                          "(incomplete or foreign checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--load {root}: {path} is not valid JSON ({e.msg})") from None
+
+
+# -------------------------------------------------------------------------------------- what we check
+def config_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parallel_layout(cfg: Config) -> dict:
+    par = dataclasses.asdict(cfg.parallel)
+    for k in ("data_parallel_size", "distributed_backend"):
+        par.pop(k, None)
+    return par
+
+
+def _metadata(cfg: Config, st: ParallelState, iteration: int, gbs: int, engine: str) -> dict:
+    return {"format": "megatron_est", "checkpoint_version": CHECKPOINT_VERSION, "engine": engine,
+            "iteration": iteration, "consumed_samples": iteration * gbs, "global_batch_size": gbs,
+            "model": dataclasses.asdict(cfg.model), "parallel": {**_parallel_layout(cfg), "data_parallel_size": st.dp},
+            "zero_stage": _zero_stage(cfg) if engine == "deepspeed" else None,
+            "precision": cfg.engine.precision, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _zero_stage(cfg: Config) -> Optional[int]:
+    return getattr(cfg.engine, "resolved_zero_stage", None) or cfg.engine.zero_stage
+
+
+def resolve_load(cfg: Config) -> Optional[tuple[str, int]]:
+    """(directory, iteration) to resume from, None to start fresh; refuses a missing or mismatched checkpoint.
+
+    Pure file reads, the same on every rank: call it before building anything. --load equal to --save with
+    no checkpoint yet is a fresh start (the auto-resume pattern of preemptible jobs); any other --load that
+    holds no checkpoint is refused.
+    """
+    ck = cfg.checkpoint
+    if not ck.load:
+        return None
+    root = ck.load
+    same_as_save = ck.save is not None and os.path.abspath(ck.save) == os.path.abspath(root)
+    iteration = read_latest_iteration(root) if os.path.isdir(root) else None
+    if iteration is None:
+        if same_as_save:
+            return None
+        what = "does not exist" if not os.path.isdir(root) else f"holds no {LATEST_FILE}"
+        raise ConfigError(f"--load {root}: {what} (no checkpoint to load)")
+    meta = read_metadata(root, iteration)
+    check_compatible(cfg, meta, root)
+    return root, iteration
+
+
+def precheck_load(cfg: Config) -> None:
+    """The part of resolve_load that needs no tokenizer: refuse a --load that holds no checkpoint at all."""
+    ck = cfg.checkpoint
+    if not ck.load:
+        return
+    same_as_save = ck.save is not None and os.path.abspath(ck.save) == os.path.abspath(ck.load)
+    if not same_as_save and (not os.path.isdir(ck.load) or read_latest_iteration(ck.load) is None):
+        what = "does not exist" if not os.path.isdir(ck.load) else f"holds no {LATEST_FILE}"
+        raise ConfigError(f"--load {ck.load}: {what} (no checkpoint to load)")
+
+
+def check_compatible(cfg: Config, meta: dict, root: str) -> None:
+    """One line naming the first difference in model shape, parallel layout or engine."""
+    if meta.get("format") != "megatron_est":
+        raise ConfigError(f"--load {root}: not a megatron_est checkpoint (metadata format {meta.get('format')!r})")
+    saved_model, ours = meta["model"], dataclasses.asdict(cfg.model)
+    for key, flag in _SHAPE_FIELDS.items():
+        if key in saved_model and saved_model[key] != ours.get(key):
+            raise ConfigError(f"--load {root}: checkpoint has {flag} {saved_model[key]}, this run "
+                              f"{ours.get(key)} (model differs)")
+    saved_par = meta["parallel"]
+    for key, value in _parallel_layout(cfg).items():
+        if key in saved_par and saved_par[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"--load {root}: checkpoint was saved with {flag} {saved_par[key]}, this run uses "
+                              f"{value} (merge or re-shard it with tools/convert_checkpoint.py)")
+    engine = "deepspeed" if cfg.engine.deepspeed else "torch"
+    saved_engine = meta.get("engine", "torch")
+    if saved_engine != engine and not (saved_engine == "torch" and meta.get("weights_only")):
+        raise ConfigError(f"--load {root}: checkpoint was written by the {saved_engine} engine, this run uses the "
+                          f"{engine} engine (export it with tools/convert_checkpoint.py and import it)")
+    if engine == "deepspeed" and not meta.get("weights_only"):
+        if meta.get("parallel", {}).get("data_parallel_size") != _current_dp(cfg):
+            raise ConfigError(f"--load {root}: DeepSpeed ZeRO checkpoint saved at data-parallel size "
+                              f"{meta['parallel'].get('data_parallel_size')}, this run has {_current_dp(cfg)}")
+    gbs = meta.get("global_batch_size")
+    ours_gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * _current_dp(cfg)
+    if gbs is not None and gbs != ours_gbs and not cfg.checkpoint.finetune and not meta.get("weights_only"):
+        raise ConfigError(f"--load {root}: checkpoint was trained with --global-batch-size {gbs}, this run uses "
+                          f"{ours_gbs} (the data position would not resume; use --finetune to restart)")
+
+
+def _current_dp(cfg: Config) -> int:
+    par = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    return max(1, world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size))
