@@ -8,6 +8,8 @@ root), 2 nodes x 2 processes each, gloo on CPU (BACKEND=gloo), a tiny GPT-2 for 
   and every iteration logged exactly once.
 - pretrain_gpt2_124m_per_task.sbatch (srun -> one python per Slurm task, rank from SLURM_PROCID), TP=2 x PP=2:
   pipeline stage 0 on node1, stage 1 on node2; then a plain scancel of a second run, which must not requeue.
+- pretrain_tinyllama_1.1b.sbatch (torchrun per node, DeepSpeed ZeRO-2 from examples/deepspeed/zero2.json, bf16,
+  a 0.7/0.3 blend of two datasets, sentencepiece): a tiny Llama, TP=2 x DP=2.
 
 A missing apt-get, package or daemon FAILS the test (it does not skip). The cluster is always torn down, and the
 teardown is checked: no slurm/munge daemon left, no /etc/hosts line. docs/slurm.md describes all of this.
@@ -115,6 +117,17 @@ def gpt2_data(tmp_path_factory):
                     "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges, "--append-eod",
                     "--workers", "1", "--no-progress"], check=True, capture_output=True, timeout=120)
     return str(d / "shk_text_document")
+
+
+@pytest.fixture(scope="module")
+def llama_data():
+    """The bundled corpus: two datasets (Shakespeare, Wikipedia) and the sentencepiece model that tokenized them."""
+    from megatron_est.data.default_corpus import prepare_default_corpus
+
+    data_path, model = prepare_default_corpus(os.path.join(ROOT, ".cache"))
+    prefixes = [p for p in data_path if not isinstance(p, float) and not str(p).replace(".", "").isdigit()]
+    blend = f"0.7 {prefixes[0]} 0.3 {prefixes[-1]}"  # Shakespeare twice when gensim (Wikipedia) is missing
+    return blend, model
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -245,3 +258,28 @@ def test_plain_scancel_does_not_requeue(slurm, gpt2_data, tmp_path):
     print(job.log(), f"[job {job.id}: {time.time() - job.t0:.1f} s]")
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info["JobState"], info["Restarts"], job.log())
     assert "requeueing" not in job.log()
+
+
+def test_tinyllama_deepspeed_script_two_nodes(slurm, llama_data, tmp_path):
+    pytest.importorskip("deepspeed")
+    run_dir, iters = str(tmp_path / "run"), 4
+    blend, tok_model = llama_data
+    tiny_llama = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 "
+                  "--ffn-hidden-size 128 --seq-length 64 --log-interval 1 --eval-interval 1000 --eval-iters 1")
+    job = Job(slurm, "pretrain_tinyllama_1.1b.sbatch",
+              ["-p", "debug", "-t", "10", "--gpus-per-node=2", "--cpus-per-task=2"],
+              dict(MEGATRON_EST_DIR=ROOT, PYTHON=sys.executable, DATA_PATH=blend, TOKENIZER_MODEL=tok_model,
+                   RUN_DIR=run_dir, BACKEND="gloo", TP="2", MICRO_BATCH="2", GLOBAL_BATCH="8",
+                   TRAIN_ITERS=str(iters), RDZV_PORT="29737", EXTRA_ARGS=tiny_llama), str(tmp_path))
+    info = job.wait(150)
+    log = job.log()
+    print(log, f"[job {job.id}: {time.time() - job.t0:.1f} s]")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info["JobState"], info["ExitCode"], log)
+    for node in ("node 0 of 2: node1", "node 1 of 2: node2"):
+        assert f"[launch] {node} starts torchrun" in log, log
+    assert "TP=2 PP=1 DP=2" in log and "> model llama: 2 layers" in log, log
+    assert "DeepSpeed engine: ZeRO stage 2, bf16, torch AdamW" in log, log
+    assert f"done: {iters} iterations" in log and f"saved checkpoint at iteration {iters} " in log
+    assert _iterations(os.path.join(run_dir, "metrics.jsonl")) == list(range(1, iters + 1))
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:  # DeepSpeed's own pointer, beside ours
+        assert f.read().strip() == f"iter_{iters:07d}"
