@@ -24,7 +24,7 @@ from megatron_est.training.optimizer import build_optimizer
 
 def fail(msg: str) -> None:
     """One clear line on stderr (once, from rank 0) and a non-zero exit."""
-    if os.environ.get("RANK", "0") == "0":
+    if pstate.env_rank_and_world()[0] == 0:  # torchrun (RANK) or one process per Slurm task (SLURM_PROCID)
         print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
