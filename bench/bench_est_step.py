@@ -9,15 +9,13 @@ forward + backward + zero-fill + clip + AdamW; "fwd+bwd" leaves out the optimize
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved_times, median  # noqa: E402
-from megatron_est.config import TrainConfig, model_preset  # noqa: E402
+from bench.common import interleaved_times, median, model_bench_setup  # noqa: E402
+from megatron_est.config import TrainConfig  # noqa: E402
 from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges  # noqa: E402
 from megatron_est.est.schedule import Schedule, Stage  # noqa: E402
@@ -29,22 +27,12 @@ STAGES = {"full": (1.0, 1.0, 1.0), "stage1 (0.5,0.5,0.5)": (0.5, 0.5, 0.5), "sta
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = model_preset(args.preset, seq_length=args.seq_length)
+    args, cfg, tokens = model_bench_setup(__doc__)
     model = LanguageModel(cfg, seed=0)
     opt = build_optimizer(model, TrainConfig())
     params = list(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length + 1), generator=g)
-    samplers = {name: SubnetworkSampler(cfg, Schedule((Stage(0, *r),)), 0, Strata(1, 1, even_ranges(cfg.num_layers, 1)))
-                for name, r in STAGES.items()}
+    strata = Strata(1, 1, even_ranges(cfg.num_layers, 1))
+    samplers = {name: SubnetworkSampler(cfg, Schedule((Stage(0, *r),)), 0, strata) for name, r in STAGES.items()}
     counter = {"it": 0}
 
     def fwd_bwd(name: str) -> None:

@@ -7,38 +7,25 @@ Both use torch's scaled_dot_product_attention.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved_times, median  # noqa: E402
-from megatron_est.config import model_preset  # noqa: E402
+from bench.common import interleaved_times, median, model_bench_setup  # noqa: E402
 from megatron_est.convert.hf import hf_config_dict, to_hf_state_dict  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpt2-124m")
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args, cfg, tokens = model_bench_setup(__doc__)
     import transformers
 
-    cfg = model_preset(args.preset, seq_length=args.seq_length)
     ours = LanguageModel(cfg, seed=0)
     conf = hf_config_dict(cfg)
     conf.pop("model_type"), conf.pop("architectures")
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf, attn_implementation="sdpa"))
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-    tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length + 1),
-                           generator=torch.Generator().manual_seed(0))
     ids, labels = tokens[:, :-1], tokens[:, 1:]
 
     def ours_step() -> None:

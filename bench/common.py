@@ -22,3 +22,25 @@ def interleaved_times(variants: dict[str, Callable[[], None]], reps: int, warmup
 
 def median(xs: list) -> float:
     return statistics.median(xs)
+
+
+def model_bench_setup(doc: str):
+    """Parse the flags shared by the model benchmarks; returns (args, model config, tokens [mbs, seq+1])."""
+    import argparse
+
+    import torch
+
+    from megatron_est.config import model_preset
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt2-124m")
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = model_preset(args.preset, seq_length=args.seq_length)
+    tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length + 1),
+                           generator=torch.Generator().manual_seed(0))
+    return args, cfg, tokens

@@ -102,35 +102,29 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     return build_groups(ParallelState(world, rank, tp, pp, dp, device=device))
 
 
+def _own_group(st: ParallelState, rank_lists: list[list[int]]) -> Optional[dist.ProcessGroup]:
+    """Create a group for every rank list (collective: all ranks, same order); return the one holding us."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if st.rank in ranks:
+            mine = group
+    return mine
+
+
 def build_groups(st: ParallelState) -> ParallelState:
     """Every rank creates every group in the same order, as new_group requires."""
-    tp, pp, dp, world = st.tp, st.pp, st.dp, st.world_size
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [p * dp * tp + d * tp + t for t in range(tp)]
-            g = dist.new_group(ranks)
-            if st.rank in ranks:
-                st.tp_group = g
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [p * dp * tp + d * tp + t for d in range(dp)]
-            g = dist.new_group(ranks)
-            if st.rank in ranks:
-                st.dp_group = g
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [p * dp * tp + d * tp + t for p in range(pp)]
-            g = dist.new_group(ranks)
-            if st.rank in ranks:
-                st.pp_group = g
-    if pp > 1:
-        for d in range(dp):
-            for t in range(tp):
-                ranks = [d * tp + t, (pp - 1) * dp * tp + d * tp + t]
-                g = dist.new_group(ranks)
-                if st.rank in ranks:
-                    st.embd_group = g
-    assert world == tp * pp * dp
+    tp, pp, dp = st.tp, st.pp, st.dp
+    assert st.world_size == tp * pp * dp
+
+    def r(p: int, d: int, t: int) -> int:
+        return p * dp * tp + d * tp + t
+
+    st.tp_group = _own_group(st, [[r(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    st.dp_group = _own_group(st, [[r(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    st.pp_group = _own_group(st, [[r(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
+    if pp > 1:  # first and last stage of each (data, tensor) position: the tied word embedding's two copies
+        st.embd_group = _own_group(st, [[r(0, d, t), r(pp - 1, d, t)] for d in range(dp) for t in range(tp)])
     return st
 
 
