@@ -84,6 +84,26 @@ def bench_loader(cache_dir: str, seq_length: int, batch_size: int, batches: int)
             "tokens_per_s": batch_size * seq_length / per_batch}
 
 
+def bench_train_step(seq_length: int, batch_size: int, steps: int = 5) -> float:
+    """ms per full-model training step (forward, backward, AdamW) of the default job's model (gpt2-tiny)."""
+    from megatron_est.config import TrainConfig, model_preset
+    from megatron_est.model.language_model import LanguageModel
+    from megatron_est.training.optimizer import build_optimizer
+
+    cfg = model_preset("gpt2-tiny", seq_length=seq_length)
+    model = LanguageModel(cfg)
+    opt = build_optimizer(model, TrainConfig())
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seq_length + 1))
+    times = []
+    for _ in range(steps + 1):  # the first step allocates optimizer state: not timed
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times[1:])[len(times[1:]) // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=2, help="copies of the corpus in the input file")
@@ -92,6 +112,7 @@ def main() -> None:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=500)
+    p.add_argument("--loader-only", action="store_true", help="skip the preprocessing comparison")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"# {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}, "
@@ -108,7 +129,7 @@ def main() -> None:
         print(f"input: {size / 1e6:.1f} MB jsonl ({args.repeat} x Shakespeare + Wikipedia)\n")
         print("| tokenizer | workers | ours: s | ours: tokens/s | datasets.map: s | datasets.map: tokens/s | speed-up |")
         print("|---|---|---|---|---|---|---|")
-        for name, tok_args in tokenizers.items():
+        for name, tok_args in ({} if args.loader_only else tokenizers).items():
             for w in args.workers:
                 ours, base = [], []
                 for rep in range(args.reps):  # alternate, so background load hits both sides alike
@@ -122,6 +143,10 @@ def main() -> None:
         print(f"\ndata loader (default blended corpus, seq {args.seq_length}, batch {args.batch_size}, "
               f"{args.batches} batches, DataLoader num_workers=0): sample-index build {r['index_build_s']:.3f} s, "
               f"{r['ms_per_batch']:.3f} ms per batch ({r['tokens_per_s']:,.0f} tokens/s)")
+        torch.set_num_threads(os.cpu_count() or 1)  # the default job trains with all cores
+        step_ms = bench_train_step(args.seq_length, args.batch_size)
+        print(f"default job's full-model training step (gpt2-tiny, same batch): {step_ms:.1f} ms; "
+              f"loader / step = {r['ms_per_batch'] / step_ms:.5f}")
     print(f"# load average at end {os.getloadavg()[0]:.2f}")
 
 
