@@ -87,9 +87,11 @@ def _summary(state: TrainState, log: MetricsLog) -> None:
     train_recs = [r for r in state.history if "lm_loss" in r]
     val_recs = [r for r in state.history if "val_loss" in r]
     saved = 1.0 - state.cumulative_flops / max(1, state.full_cumulative_flops)
+    train_loss = train_recs[-1]["lm_loss"] if train_recs else float("nan")
+    val_loss = val_recs[-1]["val_loss"] if val_recs else float("nan")  # nan: stopped before any evaluation
     log.print("=" * 100)
-    log.print(f" done: {state.iteration} iterations | final train loss: {train_recs[-1]['lm_loss'] if train_recs else float('nan'):.4f} | "
-              f"final validation loss: {val_recs[-1]['val_loss'] if val_recs else float('nan'):.4f} | "
+    log.print(f" done: {state.iteration} iterations | final train loss: {train_loss:.4f} | "
+              f"final validation loss: {val_loss:.4f} | "
               f"training FLOPs: {state.cumulative_flops:.3e} vs full model {state.full_cumulative_flops:.3e} "
               f"({100 * saved:.1f}% saved)")
     log.print("=" * 100)
