@@ -89,6 +89,9 @@ class ESTConfig:
     tp_strata: Optional[int] = None
     pp_strata: Optional[int] = None
     seed: Optional[int] = None  # None: the training seed
+    # Parameters outside the subnetwork: "adamw" (zero gradient, AdamW moves them by momentum and weight decay)
+    # or "freeze" (they and their AdamW moments stay untouched that step); training/unsampled.py.
+    unsampled_update: str = "adamw"
 
 
 @dataclass
@@ -249,6 +252,10 @@ def validate(cfg: Config, world_size: int) -> None:
              f"--lr-decay-style: unknown style {tr.lr_decay_style!r} (cosine, linear, constant)")
     _require(tr.eval_interval >= 1 and tr.log_interval >= 1, "--eval-interval and --log-interval must be >= 1")
     _validate_strata(cfg, tp, pp)
+    _require(est.unsampled_update in ("adamw", "freeze"),
+             f"--est-unsampled-update: unknown value {est.unsampled_update!r} (adamw or freeze)")
+    _require(est.unsampled_update == "adamw" or not cfg.engine.deepspeed,
+             "--est-unsampled-update freeze is not supported with --deepspeed (ZeRO owns the optimizer state)")
     _validate_engine(cfg, tp, pp, dp)
     from megatron_est.est.schedule import parse_schedule  # local: schedule.py imports ConfigError from here
 

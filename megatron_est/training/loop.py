@@ -20,6 +20,7 @@ from megatron_est.training.evaluate import evaluate
 from megatron_est.training.metrics import MetricsLog, format_train_line
 from megatron_est.training.optimizer import learning_rate, set_lr
 from megatron_est.training.pipeline_schedule import StageTimer, forward_backward
+from megatron_est.training.unsampled import kept_slices, step_frozen
 
 
 @dataclass
@@ -52,12 +53,17 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: l
     if st.pp > 1:
         sync_tied_embedding_grads(params, st.embd_group)
     sync_data_parallel_grads(params, st.dp_group, st.dp)
-    zero_fill_missing_grads(params)
+    freeze = cfg.est.unsampled_update == "freeze"
+    if not freeze:
+        zero_fill_missing_grads(params)
     norm = float("nan")  # an fp16 step skipped for overflow has no gradient norm
     if precision is None or precision.unscale_and_check(params):
         norm = grad_norm_and_clip(params, cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
         set_lr(optimizer, learning_rate(cfg.train, step))
-        optimizer.step()
+        if freeze:
+            step_frozen(optimizer, kept_slices(model, plan))
+        else:
+            optimizer.step()
     if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
         dist.all_reduce(loss_sum, group=st.pp_group)
     if st.dp > 1:

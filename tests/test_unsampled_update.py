@@ -1,0 +1,69 @@
+"""--est-unsampled-update freeze leaves parameters outside the subnetwork, and their AdamW state, untouched."""
+import pytest
+import torch
+
+from megatron_est.config import Config, ESTConfig, TrainConfig
+from megatron_est.est.build import build_sampler
+from megatron_est.model.language_model import LanguageModel
+from megatron_est.parallel.state import ParallelState
+from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.loop import train_step
+from megatron_est.training.optimizer import build_optimizer
+from megatron_est.training.unsampled import kept_slices
+from tests.helpers import tiny
+
+
+def _two_steps(family: str, mode: str):
+    """Step 0 trains the full model (AdamW moments become non-zero), step 1 a sampled subnetwork."""
+    cfg = Config(model=tiny(family, num_layers=4), est=ESTConfig(schedule="0:1,1,1;1:0.5,0.5,0.5",
+                                                                unsampled_update=mode),
+                 train=TrainConfig(micro_batch_size=2, train_iters=2, lr=1e-2, lr_warmup_iters=0))
+    st = ParallelState()
+    model = LanguageModel(cfg.model, st, seed=3)
+    opt = build_optimizer(model, cfg.train)
+    params = list(model.parameters())
+    batches = MicroBatches(RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=8), 2, 2, 1, 0)
+    sampler = build_sampler(cfg)
+    train_step(model, opt, params, batches, sampler(0), cfg, st, 0)
+    before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params}
+    sub = sampler(1)
+    train_step(model, opt, params, batches, sub, cfg, st, 1)
+    return model, opt, sub, before
+
+
+def _rows(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    return t.index_select(dim, idx)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_freeze_leaves_unsampled_untouched(family):
+    model, opt, sub, before = _two_steps(family, "freeze")
+    for i, layer in enumerate(model.decoder.layers):
+        if i not in sub.layers:  # skipped layer: parameters, moments and step count all unchanged
+            for p in layer.parameters():
+                assert torch.equal(p, before[p][0])
+                assert all(torch.equal(opt.state[p][k], v) for k, v in before[p][1].items())
+    slices = kept_slices(model, model.make_plan(sub))
+    assert len(slices) >= 2 * len(sub.layers)
+    for p, dim, kept in slices:
+        drop = torch.ones(p.shape[dim], dtype=torch.bool)
+        drop[kept] = False
+        drop = drop.nonzero().squeeze(1)
+        old, old_state = before[p]
+        assert torch.equal(_rows(p, dim, drop), _rows(old, dim, drop))
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(_rows(opt.state[p][k], dim, drop), _rows(old_state[k], dim, drop))
+        assert not torch.equal(_rows(p, dim, kept), _rows(old, dim, kept))  # the sampled part did train
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_adamw_mode_moves_unsampled_parameters(family):
+    """The control: without freezing, momentum and weight decay move what was not sampled."""
+    model, opt, sub, before = _two_steps(family, "adamw")
+    skipped = [i for i in range(len(model.decoder.layers)) if i not in sub.layers]
+    p = model.decoder.layers[skipped[0]].mlp.fc2.weight
+    assert not torch.equal(p, before[p][0])
+    for p, dim, kept in kept_slices(model, model.make_plan(sub)):
+        drop = torch.ones(p.shape[dim], dtype=torch.bool)
+        drop[kept] = False
+        assert not torch.equal(_rows(p, dim, drop.nonzero().squeeze(1)), _rows(before[p][0], dim, drop.nonzero().squeeze(1)))
