@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from bench.common import free_port  # noqa: E402
 
 ENGINES = ("plain", "zero1", "zero2", "zero3", "zero2_offload")
 
@@ -170,12 +171,6 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", nargs="+", default=["plain", "zero1", "zero2", "zero3"], choices=ENGINES)
@@ -199,7 +194,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as out:
         for name in args.engines:
             t0 = time.perf_counter()
-            mp.start_processes(_worker, args=(args.data_parallel_size, _free_port(), args, name, out),
+            mp.start_processes(_worker, args=(args.data_parallel_size, free_port(), args, name, out),
                                nprocs=args.data_parallel_size, start_method="spawn")
             per_rank = [json.load(open(os.path.join(out, f"{name}.{r}.json")))
                         for r in range(args.data_parallel_size)]

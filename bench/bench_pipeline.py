@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import free_port  # noqa: E402
 from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, model_preset, stage_ranges  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.flops import stage_step_flops  # noqa: E402
@@ -102,16 +102,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int,
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(args: argparse.Namespace, tp: int, pp: int) -> list[dict]:
     world = tp * pp
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, _free_port(), args, tp, pp, out), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), args, tp, pp, out), nprocs=world,
                            start_method="spawn")
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 

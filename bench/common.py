@@ -44,3 +44,12 @@ def model_bench_setup(doc: str):
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch_size, cfg.seq_length + 1),
                            generator=torch.Generator().manual_seed(0))
     return args, cfg, tokens
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a benchmark's own process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
