@@ -81,14 +81,19 @@ def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
                       after_step=ckpt.after_step, precision=precision)
     finally:
         ckpt.close()
-    losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
+    return {**_results(cfg, st, model, state, start),
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _results(cfg: Config, st: ParallelState, model, state, start: int) -> dict:
+    """Per-iteration losses and records, the global RNG after training (checkpoints restore it), and the loss
+    of the trained model on samples [0, gbs) of a held-out set (through the pipeline when pp > 1)."""
     records = [r for r in state.history if "lm_loss" in r]
-    rand = torch.rand(3)  # the global RNG after training (checkpoints restore it)
-    # Loss of the trained model on samples [0, gbs) of a held-out set (through the pipeline when pp > 1).
+    rand = torch.rand(3)
+    gbs = cfg.train.global_batch_size
     held_out = MicroBatches(held_out_dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
-    val = evaluate(model, held_out, 1, st)
-    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val,
-            "records": records, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {"start": start, "end": state.iteration, "losses": {r["iteration"]: r["lm_loss"] for r in records},
+            "rand": rand, "val_loss": evaluate(model, held_out, 1, st), "records": records}
 
 
 def held_out_dataset(cfg: Config) -> RandomTokens:
@@ -121,13 +126,8 @@ def run_deepspeed(cfg: Config, st: ParallelState, hooks=None) -> dict:
                       step_fn=dse.step_function(run))
     finally:
         ckpt.close()
-    losses = {r["iteration"]: r["lm_loss"] for r in state.history if "lm_loss" in r}
-    records = [r for r in state.history if "lm_loss" in r]
-    rand = torch.rand(3)
-    held_out = MicroBatches(held_out_dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
-    val = evaluate(engine, held_out, 1, st)
+    result = _results(cfg, st, engine, state, start)
     run.destroy()
     del engine, run
     gc.collect()
-    return {"start": start, "end": state.iteration, "losses": losses, "rand": rand, "val_loss": val,
-            "records": records}
+    return result
