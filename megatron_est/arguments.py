@@ -28,6 +28,8 @@ _HELP = {
     ("est", "layer_rescale"): "scale active residual branches by N_L/k_L in layer-sampling stages",
     ("est", "tp_strata"): "sampling strata for heads and neurons (default: the TP size)",
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",
+    ("data", "extra_valid_data_path"): "extra validation sets (dataset prefixes, all documents used), each "
+                                       "evaluated and logged by name: e.g. a held-out domain",
 }
 
 

@@ -121,6 +121,9 @@ class TrainConfig:
 class DataConfig:
     data_path: list = field(default_factory=list)  # Megatron style: [prefix] or [w1, p1, w2, p2, ...]
     split: str = "969,30,1"
+    # Extra validation sets (prefixes, all of their documents), each evaluated on the full model at every
+    # evaluation and logged by name beside val_loss: held-out domains the model does not train on.
+    extra_valid_data_path: list = field(default_factory=list)
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: Optional[str] = None
     vocab_file: Optional[str] = None

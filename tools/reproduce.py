@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Baseline vs EST vs compute-matched control, over seeds, with the same data order and batch size.
 
-    python tools/reproduce.py --out docs/repro/tiny --seeds 0 1 2 -- \
+    python tools/reproduce.py --out docs/repro/tiny --seeds 0 1 2 --jobs 2 \\
+        --variant freeze "--est-unsampled-update freeze" -- \\
         --model-preset gpt2-tiny --train-iters 2000 --est-schedule default --eval-interval 100
 
 Flags after `--` are training flags (pretrain_gpt.py's; --script pretrain_llama.py for Llama). Per seed it trains
 (a) the full model ("baseline", --est-schedule none), (b) EST (the given schedule) and (c) the full model for as
-many FLOPs as EST uses ("control": fewer iterations, its LR schedule ending at its own last step). Finished runs
-are skipped, so an interrupted study resumes. Writes OUT/results.md (table, command), results.json and two plots.
+many FLOPs as the EST run logged ("control-i<N>": N iterations, its LR schedule ending at its own last step).
+Each --variant NAME "FLAGS" adds an EST run "est-NAME" with FLAGS appended (on --variant-seeds) and its own
+compute-matched control; variants of equal FLOPs share one. Finished runs are skipped, so an interrupted study
+resumes. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
+OUT/results.md (tables, command), results.json and plots.
 """
 from __future__ import annotations
 
@@ -20,37 +24,69 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.study.plots import plot_curves  # noqa: E402
-from megatron_est.study.report import load_run, summary_table  # noqa: E402
-from megatron_est.study.runs import METHODS, launch, plan_runs  # noqa: E402
+from megatron_est.study.report import load_run, paired_table, summary_table  # noqa: E402
+from megatron_est.study.runs import METHODS, Study  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for metrics, logs, plots and results.md")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
+                    help="an EST variant: training flags added to the EST run (repeatable)")
+    ap.add_argument("--variant-seeds", type=int, nargs="+", help="seeds for the variants (default: the first seed)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
     args = ap.parse_args(ours)
+    names = [n for n, _ in args.variant]
+    if len(set(names)) != len(names) or any(not n.replace("-", "").isalnum() for n in names):
+        ap.error(f"--variant: names must be distinct and alphanumeric (with '-'), got {names}")
+    return args, train_argv
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args, train_argv = _parse(argv)
     os.makedirs(args.out, exist_ok=True)
-    runs = plan_runs(train_argv, args.seeds, args.methods)
-    for i, run in enumerate(runs, 1):
-        print(f"[study] run {i}/{len(runs)}: {run.name}", flush=True)
-        launch(run, args.out, args.script)
-    results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in runs]
+    tasks = [t for s in args.seeds for t in
+             ([("baseline", s)] if "baseline" in args.methods else []) + ([("est", s)] if "est" in args.methods
+                                                                         else [])]
+    tasks += [("est", s, name, tuple(shlex.split(flags))) for name, flags in args.variant
+              for s in (args.variant_seeds or args.seeds[:1])]
+    study = Study(args.out, args.script, train_argv, with_control="control" in args.methods)
+    study.run_all(tasks, args.jobs)
+    results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)
-    plot_curves(results, os.path.join(args.out, "loss_vs_flops.png"), "flops", "validation loss vs training FLOPs")
-    plot_curves(results, os.path.join(args.out, "loss_vs_time.png"), "time", "validation loss vs wall-clock")
+    pairs, paired = paired_table(results, study.matched)
+    main_methods = {"baseline", "est", study.matched.get("est")}
+    main_runs = [r for r in results if r.method in main_methods]
+    plot_curves(main_runs, os.path.join(args.out, "loss_vs_flops.png"), "flops", "validation loss vs training FLOPs")
+    plot_curves(main_runs, os.path.join(args.out, "loss_vs_time.png"), "time", "validation loss vs wall-clock")
+    if args.variant:
+        first = (args.variant_seeds or args.seeds)[0]
+        plot_curves([r for r in results if r.seed == first and r.method.startswith(("est", "baseline"))],
+                    os.path.join(args.out, "variants_loss_vs_flops.png"), "flops",
+                    f"EST variants, seed {first}: validation loss vs training FLOPs")
     command = "python tools/reproduce.py " + shlex.join(argv)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"# Study results\n\nCommand:\n\n    {command}\n\n{table}\n\n"
+                f"Each EST method against its compute-matched control (per-seed differences of final validation "
+                f"loss; negative: EST better):\n\n{pairs}\n\n"
                 "![loss vs FLOPs](loss_vs_flops.png)\n![loss vs wall-clock](loss_vs_time.png)\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": command, "summary": summary,
+        json.dump({"command": command, "summary": summary, "paired": paired, "matched": study.matched,
+                   "errors": study.errors,
                    "runs": [{"method": r.method, "seed": r.seed, "final_val_loss": r.final_val_loss,
-                             "flops": r.flops, "train_time_s": r.train_time_s} for r in results]}, f, indent=1)
+                             "final_extra_val_loss": r.final_extra, "flops": r.flops,
+                             "train_time_s": r.train_time_s, "stage_starts": r.stage_starts} for r in results]},
+                  f, indent=1)
     print(table)
+    print(pairs)
+    if study.errors:
+        print(f"[study] {len(study.errors)} run(s) failed:\n  " + "\n  ".join(study.errors), file=sys.stderr)
+        sys.exit(1)
     return summary
 
 

@@ -1,9 +1,10 @@
-"""Summaries of the study's metrics files: final losses, FLOPs, wall-clock, FLOPs to reach the baseline."""
+"""Summaries of the study's metrics files: final losses, FLOPs, wall-clock, FLOPs to reach the baseline, and
+each EST method against its compute-matched control, seed by seed."""
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -15,21 +16,27 @@ class RunResult:
     flops: int  # cumulative training FLOPs
     train_time_s: float  # training steps only (no evaluation, no set-up)
     val_curve: list[tuple[int, float, float]]  # (cumulative FLOPs, training seconds so far, val loss)
+    final_extra: dict[str, float] = field(default_factory=dict)  # held-out sets (--extra-valid-data-path)
+    stage_starts: list[int] = field(default_factory=list)  # iterations at which a new EST stage was logged
 
 
 def load_run(path: str, method: str, seed: int) -> RunResult:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    t, last_it, curve, flops = 0.0, 0, [], 0
+    t, last_it, curve, flops, extra, stages, last_stage = 0.0, 0, [], 0, {}, [], None
     for r in recs:
         if "lm_loss" in r:
             t += r["interval_time_s"] * (r["iteration"] - last_it)
             last_it, flops = r["iteration"], r["cumulative_flops"]
+            if r.get("est_stage") != last_stage and last_stage is not None:
+                stages.append(r["iteration"])
+            last_stage = r.get("est_stage")
         if "val_loss" in r:
             curve.append((r["cumulative_flops"], t, r["val_loss"]))
+            extra = r.get("extra_val_loss", {})
     if not curve:
         raise ValueError(f"{path}: no validation loss recorded")
-    return RunResult(method, seed, curve[-1][2], flops, t, curve)
+    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages)
 
 
 def flops_to_reach(run: RunResult, target: float) -> Optional[int]:
@@ -41,22 +48,33 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _by_method(results: list[RunResult]) -> dict[str, list[RunResult]]:
+    return {m: [r for r in results if r.method == m] for m in dict.fromkeys(r.method for r in results)}
+
+
 def summary_table(results: list[RunResult]) -> tuple[str, dict]:
-    by = {m: [r for r in results if r.method == m] for m in dict.fromkeys(r.method for r in results)}
+    """One row per method: losses (mean ± sd over seeds), FLOPs and wall-clock against the baseline."""
+    by = _by_method(results)
     base = by.get("baseline")
     target = statistics.mean(r.final_val_loss for r in base) if base else None
     base_flops = statistics.mean(r.flops for r in base) if base else None
     base_time = statistics.mean(r.train_time_s for r in base) if base else None
-    lines = ["| method | seeds | final val loss (mean ± sd) | training FLOPs | FLOPs saving | wall-clock saving |"
-             " FLOPs to reach baseline's final val loss |", "|---|---|---|---|---|---|---|"]
+    extra_names = list(dict.fromkeys(n for r in results for n in r.final_extra))
+    lines = ["| method | seeds | final val loss (mean ± sd) | "
+             + "".join(f"held-out {n} loss | " for n in extra_names)
+             + "training FLOPs | FLOPs saving | wall-clock saving | FLOPs to reach baseline's final val loss |",
+             "|---|---|---|" + "---|" * len(extra_names) + "---|---|---|---|"]
     summary = {}
     for m, runs in by.items():
         loss, sd = _mean_sd([r.final_val_loss for r in runs])
+        extra = {n: _mean_sd([r.final_extra[n] for r in runs if n in r.final_extra]) for n in extra_names
+                 if any(n in r.final_extra for r in runs)}
         flops = statistics.mean(r.flops for r in runs)
         tsec = statistics.mean(r.train_time_s for r in runs)
         reach = [flops_to_reach(r, target) for r in runs] if target is not None else []
         reached = [x for x in reach if x is not None]
         summary[m] = {"final_val_loss_mean": loss, "final_val_loss_sd": sd, "flops": flops, "train_time_s": tsec,
+                      "extra_val_loss": {n: {"mean": e[0], "sd": e[1]} for n, e in extra.items()},
                       "flops_saving": 1 - flops / base_flops if base_flops else None,
                       "time_saving": 1 - tsec / base_time if base_time else None,
                       "reached_baseline": f"{len(reached)}/{len(runs)}",
@@ -64,6 +82,37 @@ def summary_table(results: list[RunResult]) -> tuple[str, dict]:
         s = summary[m]
         reach_txt = f"{s['flops_to_reach_mean']:.3e} ({s['reached_baseline']} seeds)" if reached else \
             f"not reached ({s['reached_baseline']})"
-        lines.append(f"| {m} | {len(runs)} | {loss:.4f} ± {sd:.4f} | {flops:.3e} | "
+        extra_txt = "".join(f"{extra[n][0]:.4f} ± {extra[n][1]:.4f} | " if n in extra else "- | "
+                            for n in extra_names)
+        lines.append(f"| {m} | {len(runs)} | {loss:.4f} ± {sd:.4f} | {extra_txt}{flops:.3e} | "
                      f"{100 * (s['flops_saving'] or 0):.1f}% | {100 * (s['time_saving'] or 0):.1f}% | {reach_txt} |")
     return "\n".join(lines), summary
+
+
+def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str, dict]:
+    """Each EST method against its compute-matched control and the baseline, as per-seed differences
+    (mean ± sd over the seeds both have): negative means EST is better."""
+    by = _by_method(results)
+    ref = {(r.method, r.seed): r for r in results}
+    base_flops = statistics.mean(r.flops for r in by["baseline"]) if "baseline" in by else None
+    lines = ["| EST method | seeds | FLOPs saving | val loss | vs matched control | vs baseline | "
+             "held-out vs control |", "|---|---|---|---|---|---|---|"]
+    out = {}
+    for m, control in matched.items():
+        runs = [r for r in by.get(m, []) if (control, r.seed) in ref]
+        if not runs:
+            continue
+        d_ctl = [r.final_val_loss - ref[(control, r.seed)].final_val_loss for r in runs]
+        d_base = [r.final_val_loss - ref[("baseline", r.seed)].final_val_loss for r in runs
+                  if ("baseline", r.seed) in ref]
+        d_held = [v - ref[(control, r.seed)].final_extra[n] for r in runs for n, v in r.final_extra.items()
+                  if n in ref[(control, r.seed)].final_extra]
+        stats = {k: _mean_sd(v) if v else None for k, v in (("ctl", d_ctl), ("base", d_base), ("held", d_held))}
+        saving = 1 - statistics.mean(r.flops for r in runs) / base_flops if base_flops else None
+        out[m] = {"control": control, "seeds": len(runs), "flops_saving": saving,
+                  "val_loss_mean": statistics.mean(r.final_val_loss for r in runs),
+                  **{f"delta_{k}": v for k, v in stats.items()}}
+        cell = (lambda v: f"{v[0]:+.4f} ± {v[1]:.4f}" if v else "-")
+        lines.append(f"| {m} | {len(runs)} | {100 * (saving or 0):.1f}% | {out[m]['val_loss_mean']:.4f} | "
+                     f"{cell(stats['ctl'])} ({control}) | {cell(stats['base'])} | {cell(stats['held'])} |")
+    return "\n".join(lines), out

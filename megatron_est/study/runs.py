@@ -1,17 +1,20 @@
-"""Plan and launch the study's training runs, one subprocess each, resumable (finished runs are skipped)."""
+"""Plan and launch the study's training runs, one subprocess each, resumable (finished runs are skipped).
+
+Methods: "baseline" (full model), "est" and "est-<variant>" (EST with extra flags), and "control-i<N>": the full
+model for N iterations, N chosen so that it costs the FLOPs an EST run actually logged, with its own LR schedule
+ending at its own last step. EST variants of equal FLOPs share one control.
+"""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
-
-from megatron_est.arguments import parse_args
-from megatron_est.est.build import build_sampler
-from megatron_est.est.flops import step_flops
-from megatron_est.est.savings import schedule_flops
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 METHODS = ("baseline", "est", "control")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,21 +31,24 @@ class Run:
         return f"{self.method}-s{self.seed}"
 
 
-def control_iters(train_argv: list[str]) -> int:
-    """Iterations of the full model that cost the FLOPs of the EST run (the compute-matched control)."""
-    cfg = parse_args(train_argv, "study", "gpt2-tiny")
-    tokens = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.model.seq_length
-    est = sum(s.flops for s in schedule_flops(cfg.model, build_sampler(cfg), cfg.train.train_iters, tokens))
-    return max(1, round(est / step_flops(cfg.model, tokens)))
+def baseline_run(train_argv: list[str], seed: int) -> Run:
+    return Run("baseline", seed, [*train_argv, "--est-schedule", "none", "--seed", str(seed)])
 
 
-def plan_runs(train_argv: list[str], seeds: list[int], methods: list[str]) -> list[Run]:
-    n_control = control_iters(train_argv) if "control" in methods else 0
-    extra = {"baseline": ["--est-schedule", "none"], "est": [],
-             # Its own LR schedule, ending at its own last step.
-             "control": ["--est-schedule", "none", "--train-iters", str(n_control),
-                         "--lr-decay-iters", str(n_control)]}
-    return [Run(m, s, [*train_argv, *extra[m], "--seed", str(s)]) for s in seeds for m in methods]
+def est_run(train_argv: list[str], seed: int, variant: str = "", flags: tuple[str, ...] = ()) -> Run:
+    return Run(f"est-{variant}" if variant else "est", seed, [*train_argv, *flags, "--seed", str(seed)])
+
+
+def control_run(train_argv: list[str], seed: int, iters: int) -> Run:
+    return Run(f"control-i{iters}", seed, [*train_argv, "--est-schedule", "none", "--train-iters", str(iters),
+                                            "--lr-decay-iters", str(iters), "--seed", str(seed)])
+
+
+def control_iters(metrics_file: str) -> int:
+    """Full-model iterations costing the cumulative training FLOPs that a finished run logged."""
+    with open(metrics_file) as f:
+        last = [json.loads(line) for line in f if '"lm_loss"' in line][-1]
+    return max(1, round(last["cumulative_flops"] / last["full_step_flops"]))
 
 
 def launch(run: Run, out_dir: str, script: str) -> dict:
@@ -52,11 +58,13 @@ def launch(run: Run, out_dir: str, script: str) -> dict:
         with open(done) as f:
             return json.load(f)
     metrics = os.path.join(out_dir, run.name + ".jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)  # an interrupted run starts over; MetricsLog would otherwise append to it
     cmd = [sys.executable, os.path.join(ROOT, script), *run.argv, "--metrics-file", metrics]
-    print(f"[study] {run.name}: {' '.join(cmd[1:])}", flush=True)
+    print(f"[study] start {run.name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     with open(os.path.join(out_dir, run.name + ".log"), "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     if rc != 0:
         raise RuntimeError(f"run {run.name} failed (exit {rc}); see {out_dir}/{run.name}.log")
     info = {"name": run.name, "method": run.method, "seed": run.seed, "wall_s": time.time() - t0, "argv": run.argv}
@@ -64,4 +72,50 @@ def launch(run: Run, out_dir: str, script: str) -> dict:
     with open(tmp, "w") as f:
         json.dump(info, f)
     os.replace(tmp, done)
+    print(f"[study] done {run.name} in {info['wall_s']:.0f} s", flush=True)
     return info
+
+
+@dataclass
+class Study:
+    """Runs baselines and EST->control chains on `jobs` concurrent workers; remembers what ran."""
+    out_dir: str
+    script: str
+    train_argv: list[str]
+    with_control: bool = True
+    finished: list[Run] = field(default_factory=list)
+    matched: dict[str, str] = field(default_factory=dict)  # EST method -> its control method
+    errors: list[str] = field(default_factory=list)
+    _locks: dict = field(default_factory=lambda: defaultdict(threading.Lock))
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def _launch(self, run: Run) -> bool:
+        with self._guard:
+            lock = self._locks[run.name]
+        try:
+            with lock:  # two EST variants of equal FLOPs wait for one shared control
+                launch(run, self.out_dir, self.script)
+        except RuntimeError as e:
+            self.errors.append(str(e))
+            print(f"[study] {e}", flush=True)
+            return False
+        with self._guard:
+            if all(r.name != run.name for r in self.finished):
+                self.finished.append(run)
+        return True
+
+    def est_chain(self, seed: int, variant: str = "", flags: tuple[str, ...] = ()) -> None:
+        run = est_run(self.train_argv, seed, variant, flags)
+        if not self._launch(run) or not self.with_control:
+            return
+        control = control_run(self.train_argv, seed, control_iters(os.path.join(self.out_dir, run.name + ".jsonl")))
+        self.matched[run.method] = control.method
+        self._launch(control)
+
+    def run_all(self, tasks: list[tuple], jobs: int) -> None:
+        """tasks: ("baseline", seed) or ("est", seed, variant, flags), started in this order."""
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(self._launch, baseline_run(self.train_argv, t[1])) if t[0] == "baseline"
+                       else pool.submit(self.est_chain, *t[1:]) for t in tasks]
+            for f in futures:
+                f.result()

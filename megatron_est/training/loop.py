@@ -76,10 +76,12 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
           sampler: SubnetworkSampler, train_batches: MicroBatches, valid_batches: Optional[MicroBatches],
           state: Optional[TrainState] = None, log: Optional[MetricsLog] = None,
           after_step: Optional[Callable[[TrainState], bool]] = None, precision=None,
-          step_fn: Optional[Callable] = None) -> TrainState:
+          step_fn: Optional[Callable] = None,
+          extra_valid_batches: Optional[dict[str, MicroBatches]] = None) -> TrainState:
     """Train from state.iteration to --train-iters. after_step(state), called on every rank after each
     step (checkpointing, exit signals), returns True to stop early. step_fn replaces train_step (the DeepSpeed
-    engine's step; model is then the engine)."""
+    engine's step; model is then the engine). extra_valid_batches: named held-out sets evaluated beside the
+    validation split, logged as extra_val_loss[name]."""
     tr, m = cfg.train, cfg.model
     state = state or TrainState()
     log = log or MetricsLog(tr.metrics_file, enabled=st.rank == 0)
@@ -124,6 +126,10 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
             rec = {"iteration": state.iteration, "val_loss": val, "cumulative_flops": state.cumulative_flops,
                    "full_cumulative_flops": state.full_cumulative_flops}
             log.print(f" validation loss at iteration {state.iteration} | lm loss: {val:.6E} |")
+            if extra_valid_batches:
+                rec["extra_val_loss"] = {name: evaluate(model, b, tr.eval_iters, st)
+                                         for name, b in extra_valid_batches.items()}
+                log.print("".join(f" {name} loss: {v:.6E} |" for name, v in rec["extra_val_loss"].items()))
             log.record(rec)
             state.history.append(rec)
             interval_start += time.perf_counter() - t_eval  # evaluation is not training time

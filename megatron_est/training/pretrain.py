@@ -32,6 +32,7 @@ def fail(msg: str) -> None:
 def build_data(cfg: Config, st: pstate.ParallelState):
     """Tokenizer plus train/valid datasets; the bundled Shakespeare corpus when --data-path is not given."""
     from megatron_est.data import builder, default_corpus, tokenizers
+    from megatron_est.data.errors import DataError
 
     d, tr = cfg.data, cfg.train
     data_path, tok_model = d.data_path, d.tokenizer_model
@@ -41,15 +42,29 @@ def build_data(cfg: Config, st: pstate.ParallelState):
     tok = tokenizers.build_tokenizer(d.tokenizer_type, tok_model, d.vocab_file, d.merge_file)
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     n_samples = (tr.train_iters * gbs, tr.eval_iters * gbs, 0)
+    index_dir = os.path.join(d.cache_dir, "index")
     train_ds, valid_ds, _ = builder.build_train_valid_test_datasets(
-        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, os.path.join(d.cache_dir, "index"),
-        vocab_size=tok.vocab_size)
-    return tok, train_ds, valid_ds
+        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, index_dir, vocab_size=tok.vocab_size)
+    extra = {}  # name -> dataset of all documents of that prefix
+    for prefix in d.extra_valid_data_path:
+        name = extra_valid_name(prefix)
+        if name in extra:
+            raise DataError(f"--extra-valid-data-path: two prefixes share the name {name!r}; rename one")
+        extra[name] = builder.build_train_valid_test_datasets(
+            prefix, "0,1,0", cfg.model.seq_length, tr.seed, (0, n_samples[1], 0), index_dir,
+            vocab_size=tok.vocab_size)[1]
+    return tok, train_ds, valid_ds, extra
+
+
+def extra_valid_name(prefix: str) -> str:
+    """Log name of an extra validation set: its file name without Megatron's _text_document suffix."""
+    name = os.path.basename(prefix.rstrip("/"))
+    return name[: -len("_text_document")] if name.endswith("_text_document") else name
 
 
 def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     tr = cfg.train
-    tok, train_ds, valid_ds = build_data(cfg, st)
+    tok, train_ds, valid_ds, extra_ds = build_data(cfg, st)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
     validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
     resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
@@ -72,9 +87,11 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
               f"EST schedule: {cfg.est.schedule}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
+    extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}
     ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision, engine=engine)
     state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log,
-                  state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn)
+                  state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn,
+                  extra_valid_batches=extra_b)
     ckpt.close()
     if ds is not None:
         ds.destroy()  # before the process group goes: avoids ZeRO-3 aborts at interpreter exit
