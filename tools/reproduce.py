@@ -2,13 +2,13 @@
 """Baseline vs EST vs compute-matched control, over seeds, with the same data order and batch size.
 
     python tools/reproduce.py --out docs/repro/tiny --seeds 0 1 2 --jobs 2 \\
-        --variant freeze "--est-unsampled-update freeze" -- \\
+        --variant "freeze=--est-unsampled-update freeze" -- \\
         --model-preset gpt2-tiny --train-iters 2000 --est-schedule default --eval-interval 100
 
 Flags after `--` are training flags (pretrain_gpt.py's; --script pretrain_llama.py for Llama). Per seed it trains
 (a) the full model ("baseline", --est-schedule none), (b) EST (the given schedule) and (c) the full model for as
 many FLOPs as the EST run logged ("control-i<N>": N iterations, its LR schedule ending at its own last step).
-Each --variant NAME "FLAGS" adds an EST run "est-NAME" with FLAGS appended (on --variant-seeds) and its own
+Each --variant "NAME=FLAGS" adds an EST run "est-NAME" with FLAGS appended (on --variant-seeds) and its own
 compute-matched control; variants of equal FLOPs share one. Finished runs are skipped, so an interrupted study
 resumes. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
 OUT/results.md (tables, command), results.json and plots.
@@ -28,21 +28,28 @@ from megatron_est.study.report import load_run, paired_table, summary_table  # n
 from megatron_est.study.runs import METHODS, Study  # noqa: E402
 
 
+def _variant(text: str) -> tuple[str, str]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name.replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS with an alphanumeric NAME, got {text!r}")
+    return name, flags
+
+
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for metrics, logs, plots and results.md")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", type=_variant,
                     help="an EST variant: training flags added to the EST run (repeatable)")
     ap.add_argument("--variant-seeds", type=int, nargs="+", help="seeds for the variants (default: the first seed)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
     args = ap.parse_args(ours)
     names = [n for n, _ in args.variant]
-    if len(set(names)) != len(names) or any(not n.replace("-", "").isalnum() for n in names):
-        ap.error(f"--variant: names must be distinct and alphanumeric (with '-'), got {names}")
+    if len(set(names)) != len(names):
+        ap.error(f"--variant: names must be distinct, got {names}")
     return args, train_argv
 
 
