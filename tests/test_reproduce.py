@@ -15,16 +15,22 @@ TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 def test_miniature_study(tmp_path):
     out = str(tmp_path / "study")
-    summary = main(["--out", out, "--seeds", "0", "--", *TRAIN, "--data-cache-dir", str(tmp_path / "cache")])
-    control = json.load(open(os.path.join(out, "results.json")))["matched"]["est"]
-    assert set(summary) == {"baseline", "est", control}
+    variants = ["--variant", "freeze=--est-unsampled-update freeze", "--variant", "short=--est-schedule 0:0.5,0.5,1;1:1,1,1"]
+    summary = main(["--out", out, "--seeds", "0", *variants, "--jobs", "2", "--",
+                    *TRAIN, "--data-cache-dir", str(tmp_path / "cache")])
+    results = json.load(open(os.path.join(out, "results.json")))
+    control = results["matched"]["est"]
+    assert results["matched"]["est-freeze"] == control  # equal FLOPs: one shared control
+    assert results["matched"]["est-short"] != control  # one sampled step only: its own, longer control
+    assert set(summary) == {"baseline", "est", control, "est-freeze", "est-short", results["matched"]["est-short"]}
+    assert set(results["paired"]) == {"est", "est-freeze", "est-short"}
     assert 6 <= int(control.split("-i")[1]) < 10  # EST saves FLOPs in its first 6 iterations only
     assert 0 < summary["est"]["flops_saving"] < 0.5
     assert summary[control]["flops"] == pytest.approx(summary["est"]["flops"], rel=0.15)
     for f in ("results.md", "results.json", "loss_vs_flops.png", "loss_vs_time.png", "est-s0.jsonl"):
         assert os.path.getsize(os.path.join(out, f)) > 0
     mtime = os.path.getmtime(os.path.join(out, "est-s0.jsonl"))
-    main(["--out", out, "--seeds", "0", "--", *TRAIN, "--data-cache-dir", str(tmp_path / "cache")])
+    main(["--out", out, "--seeds", "0", *variants, "--", *TRAIN, "--data-cache-dir", str(tmp_path / "cache")])
     assert os.path.getmtime(os.path.join(out, "est-s0.jsonl")) == mtime  # finished runs are not redone
     assert json.load(open(os.path.join(out, "results.json")))["command"].startswith("python tools/reproduce.py")
 
@@ -35,3 +41,18 @@ def test_flops_to_reach_and_table_by_hand():
     assert flops_to_reach(est, 2.0) == 80 and flops_to_reach(est, 1.0) is None
     _, s = summary_table([base, est])
     assert s["est"]["flops_saving"] == pytest.approx(0.2) and s["est"]["time_saving"] == pytest.approx(0.1)
+
+
+def test_paired_differences_by_hand():
+    def run(method, seed, loss, held):
+        return RunResult(method, seed, loss, 80, 1.0, [(80, 1.0, loss)], {"wiki": held})
+
+    results = [run("baseline", 0, 2.0, 3.0), run("baseline", 1, 2.2, 3.2), run("est", 0, 2.1, 3.0),
+               run("est", 1, 2.5, 3.3), run("control-i7", 0, 2.05, 3.1), run("control-i7", 1, 2.25, 3.1)]
+    table, out = paired_table(results, {"est": "control-i7"})
+    assert out["est"]["delta_ctl"] == pytest.approx((0.15, 0.15 * 2 ** 0.5))  # diffs 0.05 and 0.25
+    assert out["est"]["delta_base"][0] == pytest.approx(0.2)
+    assert out["est"]["delta_held"][0] == pytest.approx(0.05)  # diffs -0.1 and +0.2
+    assert "+0.1500" in table
+    _, s = summary_table(results)
+    assert s["est"]["extra_val_loss"]["wiki"]["mean"] == pytest.approx(3.15)
