@@ -25,6 +25,9 @@ _FLAG_NAMES = {("model", "family"): "model-family", ("data", "cache_dir"): "data
 _HELP = {
     ("est", "schedule"): "preset name, 'none', or 'START:pH,pM,pL;...' (START an iteration or a percentage "
                          "of --train-iters, e.g. '0:0.5,0.5,0.5;300:0.5,0.5,1;600:1,1,1')",
+    ("est", "target_saving"): "training-FLOPs saving to reach, e.g. 0.25: scales every --est-schedule stage "
+                              "start by one common factor so the saving (this model, sequence length and "
+                              "--train-iters) is within 0.5 percentage points of it",
     ("est", "layer_rescale"): "scale active residual branches by N_L/k_L in layer-sampling stages",
     ("est", "tp_strata"): "sampling strata for heads and neurons (default: the TP size)",
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",

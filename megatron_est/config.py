@@ -92,6 +92,9 @@ class ESTConfig:
     # Parameters outside the subnetwork: "adamw" (zero gradient, AdamW moves them by momentum and weight decay)
     # or "freeze" (they and their AdamW moments stay untouched that step); training/unsampled.py.
     unsampled_update: str = "adamw"
+    # Training-FLOPs saving to hit (a fraction): the schedule's stage starts are all scaled by one factor to get
+    # within half a percentage point of it, for this model and --train-iters (est/fit.py).
+    target_saving: Optional[float] = None
 
 
 @dataclass
@@ -262,7 +265,11 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_engine(cfg, tp, pp, dp)
     from megatron_est.est.schedule import parse_schedule  # local: schedule.py imports ConfigError from here
 
-    parse_schedule(est.schedule, tr.train_iters)
+    schedule = parse_schedule(est.schedule, tr.train_iters)
+    if est.target_saving is not None:  # the FLOPs fit itself waits for the tokenizer's vocabulary (build_sampler)
+        from megatron_est.est.fit import check_target
+
+        check_target(est.target_saving, schedule)
 
 
 def _validate_strata(cfg: Config, tp: int, pp: int) -> None:

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_est.arguments import parse_args  # noqa: E402
 from megatron_est.config import ConfigError  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
+from megatron_est.est.fit import describe_schedule  # noqa: E402
 from megatron_est.est.savings import saving, schedule_flops  # noqa: E402
 
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> float:
     gbs = tr.global_batch_size or tr.micro_batch_size
     stages = schedule_flops(m, sampler, tr.train_iters, gbs * m.seq_length)
     print(f"model {m.family} {m.num_layers}L h{m.hidden_size} seq {m.seq_length} vocab {m.padded_vocab_size}; "
-          f"schedule {cfg.est.schedule!r}; {tr.train_iters} iterations of {gbs * m.seq_length} tokens")
+          f"schedule {describe_schedule(cfg.est, sampler.schedule)!r}; "
+          f"{tr.train_iters} iterations of {gbs * m.seq_length} tokens")
     print("| stage | iterations | first | rates (pH,pM,pL) | step FLOPs / full |")
     print("|---|---|---|---|---|")
     for st in stages:

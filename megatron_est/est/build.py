@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from megatron_est.config import Config, stage_ranges
+from megatron_est.est.fit import fit_schedule
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
-from megatron_est.est.schedule import parse_schedule
+from megatron_est.est.schedule import Schedule, parse_schedule
 from megatron_est.parallel.partition import is_even
 
 
@@ -22,6 +23,12 @@ def build_sampler(cfg: Config) -> SubnetworkSampler:
     m, est, par = cfg.model, cfg.est, cfg.parallel
     strata = Strata(heads=est.tp_strata or par.tensor_model_parallel_size,
                     neurons=est.tp_strata or par.tensor_model_parallel_size, layers=layer_strata(cfg))
-    schedule = parse_schedule(est.schedule, cfg.train.train_iters)
     seed = cfg.train.seed if est.seed is None else est.seed
-    return SubnetworkSampler(m, schedule, seed, strata, est.stratified, est.layer_rescale)
+
+    def make(schedule: Schedule) -> SubnetworkSampler:
+        return SubnetworkSampler(m, schedule, seed, strata, est.stratified, est.layer_rescale)
+
+    schedule = parse_schedule(est.schedule, cfg.train.train_iters)
+    if est.target_saving is not None:
+        schedule = fit_schedule(schedule, make, m, cfg.train.train_iters, est.target_saving)
+    return make(schedule)
