@@ -50,7 +50,7 @@ def test_paired_differences_by_hand():
     results = [run("baseline", 0, 2.0, 3.0), run("baseline", 1, 2.2, 3.2), run("est", 0, 2.1, 3.0),
                run("est", 1, 2.5, 3.3), run("control-i7", 0, 2.05, 3.1), run("control-i7", 1, 2.25, 3.1)]
     table, out = paired_table(results, {"est": "control-i7"})
-    assert out["est"]["delta_ctl"] == pytest.approx((0.15, 0.15 * 2 ** 0.5))  # diffs 0.05 and 0.25
+    assert out["est"]["delta_ctl"] == pytest.approx((0.15, 0.2 / 2 ** 0.5))  # diffs 0.05 and 0.25
     assert out["est"]["delta_base"][0] == pytest.approx(0.2)
     assert out["est"]["delta_held"][0] == pytest.approx(0.05)  # diffs -0.1 and +0.2
     assert "+0.1500" in table
