@@ -1,0 +1,89 @@
+"""Wall-clock saving of a whole EST schedule, from step times measured side by side with the full model.
+
+    python bench/bench_schedule_time.py --reps 40 -- --num-layers 4 --hidden-size 64 --num-attention-heads 4 \
+        --seq-length 128 --micro-batch-size 32 --vocab-size 1024 --train-iters 2400 --num-threads 1 \
+        --est-schedule "0%:0.5,0.5,0.5;25%:0.5,0.5,1;50%:1,1,1"
+
+Flags after `--` are training flags (model, batch, schedule, --est-target-saving, --num-threads). Each round
+times one optimizer step of the full model and one of every sampled stage (a new subnetwork each step),
+interleaved so that machine noise hits all alike. A step is forward + backward + zero-fill + clip + AdamW on
+random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
+(train iterations x median full step), printed next to its FLOPs saving: what a training run would save on a
+quiet machine, without data loading, evaluation or logging.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.common import interleaved_times, median  # noqa: E402
+from megatron_est.arguments import parse_args  # noqa: E402
+from megatron_est.est.build import build_sampler  # noqa: E402
+from megatron_est.est.flops import step_flops  # noqa: E402
+from megatron_est.est.savings import schedule_flops  # noqa: E402
+from megatron_est.model.language_model import LanguageModel  # noqa: E402
+from megatron_est.parallel.grads import grad_norm_and_clip, zero_fill_missing_grads  # noqa: E402
+from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, train_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20, help="timed rounds (one step of every variant each)")
+    args = ap.parse_args(ours)
+    cfg = parse_args(train_argv, "bench", "gpt2-tiny")
+    torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    m, tr = cfg.model, cfg.train
+    tokens_per_step = tr.micro_batch_size * m.seq_length
+    sampler = build_sampler(cfg)
+    stages = schedule_flops(m, sampler, tr.train_iters, tokens_per_step)
+    model = LanguageModel(m, seed=0)
+    opt = build_optimizer(model, tr)
+    params = list(model.parameters())
+    tokens = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),
+                           generator=torch.Generator().manual_seed(0))
+    counters = {st.stage: st.first for st in stages}
+
+    def step(stage: int | None) -> None:
+        sub = None
+        if stage is not None:  # draw as training does, walking through the stage's own iterations
+            sub, counters[stage] = sampler(counters[stage]), counters[stage] + 1
+        opt.zero_grad(set_to_none=True)
+        model(tokens[:, :-1], tokens[:, 1:], model.make_plan(sub)).mean().backward()
+        zero_fill_missing_grads(params)
+        grad_norm_and_clip(params, tr.clip_grad, None, 1)
+        opt.step()
+
+    variants = {"full": lambda: step(None)}
+    variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages
+                     if st.flops != st.full_flops})
+    times = {k: median(v) for k, v in interleaved_times(variants, args.reps).items()}
+    return report(stages, times, tr.train_iters, cfg.est.schedule, m, tokens_per_step)
+
+
+def report(stages, times: dict[str, float], train_iters: int, schedule: str, m, tokens: int) -> dict:
+    print(f"# bench_schedule_time: {m.family} {m.num_layers}L h{m.hidden_size} seq {m.seq_length} vocab "
+          f"{m.padded_vocab_size}, {tokens} tokens/step, {train_iters} iterations, schedule {schedule!r}")
+    print("| stage | iterations | FLOPs ratio | step-time ratio | median step s |")
+    print("|---|---|---|---|---|")
+    used_time = 0.0
+    for st in stages:
+        t = times.get(f"stage{st.stage}", times["full"])
+        used_time += st.iterations * t
+        print(f"| {st.stage} | {st.iterations} | {st.flops / st.full_flops:.3f} | {t / times['full']:.3f} | "
+              f"{t:.4f} |")
+    flops_saving = 1 - sum(s.flops for s in stages) / sum(s.full_flops for s in stages)
+    time_saving = 1 - used_time / (train_iters * times["full"])
+    print(f"FLOPs saving {100 * flops_saving:.1f}% | wall-clock saving {100 * time_saving:.1f}% | "
+          f"ratio {time_saving / flops_saving:.2f}" if flops_saving else "no sampled stage")
+    return {"flops_saving": flops_saving, "time_saving": time_saving}
+
+
+if __name__ == "__main__":
+    main()
