@@ -7,7 +7,7 @@ from megatron_est.est.savings import StageFlops
 
 
 def test_wall_clock_saving_by_hand(capsys):
-    stages = [StageFlops(1, 0, 25, 40, 100), StageFlops(2, 25, 25, 60, 100), StageFlops(3, 50, 50, 100, 100)]
+    stages = [StageFlops(1, 0, 25, 1000, 2500), StageFlops(2, 25, 25, 1500, 2500), StageFlops(3, 50, 50, 5000, 5000)]
     out = report(stages, {"full": 2.0, "stage1": 0.5, "stage2": 1.0}, 100, "spec", model_preset("gpt2-tiny"), 8)
     # time: 25 x 0.5 + 25 x 1.0 + 50 x 2.0 = 137.5 of 200
     assert out["time_saving"] == pytest.approx(1 - 137.5 / 200) and out["flops_saving"] == pytest.approx(0.25)
