@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from megatron_est.study.report import RunResult, flops_to_reach, paired_table, summary_table
+from megatron_est.study.report import RunResult, flops_to_reach, paired_table, summary_table, switch_table
 from tools.reproduce import main
 
 TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -56,3 +56,10 @@ def test_paired_differences_by_hand():
     assert "+0.1500" in table
     _, s = summary_table(results)
     assert s["est"]["extra_val_loss"]["wiki"]["mean"] == pytest.approx(3.15)
+
+
+def test_switch_table_by_hand():
+    base = RunResult("baseline", 0, 2.0, 0, 0.0, [(0, 0.0, 3.0), (0, 0.0, 2.5), (0, 0.0, 2.0)], {}, [], [5, 10, 15])
+    est = RunResult("est", 0, 2.2, 0, 0.0, [(0, 0.0, 3.5), (0, 0.0, 2.9), (0, 0.0, 2.2)], {}, [10], [5, 10, 15])
+    assert switch_table([base, est], 5).splitlines()[2] == \
+        "| est-s0 | 10 | 2.9000 (2.5000) | 2.2000 (2.0000) | -0.7000 (-0.5000) |"

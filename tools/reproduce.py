@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.study.plots import plot_curves  # noqa: E402
-from megatron_est.study.report import load_run, paired_table, summary_table  # noqa: E402
+from megatron_est.study.report import load_run, paired_table, summary_table, switch_table  # noqa: E402
 from megatron_est.study.runs import METHODS, Study  # noqa: E402
 
 
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)
     pairs, paired = paired_table(results, study.matched)
+    its = results[0].val_iterations if results else []
+    switches = switch_table(results, min((b - a for a, b in zip(its, its[1:])), default=1))
     main_methods = {"baseline", "est", study.matched.get("est")}
     main_runs = [r for r in results if r.method in main_methods]
     plot_curves(main_runs, os.path.join(args.out, "loss_vs_flops.png"), "flops", "validation loss vs training FLOPs")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"# Study results\n\nCommand:\n\n    {command}\n\n{table}\n\n"
                 f"Each EST method against its compute-matched control (per-seed differences of final validation "
-                f"loss; negative: EST better):\n\n{pairs}\n\n"
+                f"loss; negative: EST better):\n\n{pairs}\n\nValidation loss (full model) around each stage switch:\n\n"
+                f"{switches}\n\n"
                 "![loss vs FLOPs](loss_vs_flops.png)\n![loss vs wall-clock](loss_vs_time.png)\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "summary": summary, "paired": paired, "matched": study.matched,

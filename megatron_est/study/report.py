@@ -17,26 +17,29 @@ class RunResult:
     train_time_s: float  # training steps only (no evaluation, no set-up)
     val_curve: list[tuple[int, float, float]]  # (cumulative FLOPs, training seconds so far, val loss)
     final_extra: dict[str, float] = field(default_factory=dict)  # held-out sets (--extra-valid-data-path)
-    stage_starts: list[int] = field(default_factory=list)  # iterations at which a new EST stage was logged
+    # Last logged iteration before each change of EST stage (exact when --log-interval divides the switch).
+    stage_starts: list[int] = field(default_factory=list)
+    val_iterations: list[int] = field(default_factory=list)  # iteration of each val_curve point
 
 
 def load_run(path: str, method: str, seed: int) -> RunResult:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    t, last_it, curve, flops, extra, stages, last_stage = 0.0, 0, [], 0, {}, [], None
+    t, last_it, curve, flops, extra, stages, last_stage, iters = 0.0, 0, [], 0, {}, [], None, []
     for r in recs:
         if "lm_loss" in r:
             t += r["interval_time_s"] * (r["iteration"] - last_it)
-            last_it, flops = r["iteration"], r["cumulative_flops"]
             if r.get("est_stage") != last_stage and last_stage is not None:
-                stages.append(r["iteration"])
+                stages.append(last_it)
             last_stage = r.get("est_stage")
+            last_it, flops = r["iteration"], r["cumulative_flops"]
         if "val_loss" in r:
             curve.append((r["cumulative_flops"], t, r["val_loss"]))
+            iters.append(r["iteration"])
             extra = r.get("extra_val_loss", {})
     if not curve:
         raise ValueError(f"{path}: no validation loss recorded")
-    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages)
+    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages, iters)
 
 
 def flops_to_reach(run: RunResult, target: float) -> Optional[int]:
@@ -116,3 +119,24 @@ def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str
         lines.append(f"| {m} | {len(runs)} | {100 * (saving or 0):.1f}% | {out[m]['val_loss_mean']:.4f} | "
                      f"{cell(stats['ctl'])} ({control}) | {cell(stats['base'])} | {cell(stats['held'])} |")
     return "\n".join(lines), out
+
+
+def switch_table(results: list[RunResult], gap: int) -> str:
+    """Validation loss around each EST stage switch, against the baseline of the same seed at the same
+    iteration: the last evaluation before the switch and `gap` iterations later."""
+    base = {r.seed: dict(zip(r.val_iterations, (c[2] for c in r.val_curve))) for r in results
+            if r.method == "baseline"}
+    lines = ["| EST run | switch after | val loss there (baseline) | val loss +%d (baseline) | change over the %d "
+             "iterations (baseline's) |" % (gap, gap), "|---|---|---|---|---|"]
+    for r in results:
+        if not r.method.startswith("est") or r.seed not in base:
+            continue
+        val = dict(zip(r.val_iterations, (c[2] for c in r.val_curve)))
+        for s in r.stage_starts:
+            at = max((i for i in val if i <= s), default=None)
+            if at is None or at + gap not in val or at not in base[r.seed] or at + gap not in base[r.seed]:
+                continue
+            b0, b1 = base[r.seed][at], base[r.seed][at + gap]
+            lines.append(f"| {r.method}-s{r.seed} | {s} | {val[at]:.4f} ({b0:.4f}) | {val[at + gap]:.4f} ({b1:.4f}) | "
+                         f"{val[at + gap] - val[at]:+.4f} ({b1 - b0:+.4f}) |")
+    return "\n".join(lines)
