@@ -33,6 +33,11 @@ def test_miniature_study(tmp_path):
     main(["--out", out, "--seeds", "0", *variants, "--", *TRAIN, "--data-cache-dir", str(tmp_path / "cache")])
     assert os.path.getmtime(os.path.join(out, "est-s0.jsonl")) == mtime  # finished runs are not redone
     assert json.load(open(os.path.join(out, "results.json")))["command"].startswith("python tools/reproduce.py")
+    more = ["--variant", "rescale=--est-layer-rescale", "--seeds", "0", "1"]
+    summary = main(["--out", out, "--report-only", *variants, *more, "--", *TRAIN,
+                    "--data-cache-dir", str(tmp_path / "cache")])
+    assert "est-rescale" not in summary and not os.path.exists(os.path.join(out, "est-rescale-s0.jsonl"))
+    assert not os.path.exists(os.path.join(out, "baseline-s1.jsonl"))  # nothing trained, nothing failed
 
 
 def test_flops_to_reach_and_table_by_hand():

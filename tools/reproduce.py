@@ -45,6 +45,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                     help="an EST variant: training flags added to the EST run (repeatable)")
     ap.add_argument("--variant-seeds", type=int, nargs="+", help="seeds for the variants (default: the first seed)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at once")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing; report the runs finished so far (safe while the study runs)")
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
     args = ap.parse_args(ours)
     names = [n for n, _ in args.variant]
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                          else [])]
     tasks += [("est", s, name, tuple(shlex.split(flags))) for name, flags in args.variant
               for s in (args.variant_seeds or args.seeds[:1])]
-    study = Study(args.out, args.script, train_argv, with_control="control" in args.methods)
+    study = Study(args.out, args.script, train_argv, with_control="control" in args.methods,
+                  report_only=args.report_only)
     study.run_all(tasks, args.jobs)
     results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_curves([r for r in results if r.seed == first and r.method.startswith(("est", "baseline"))],
                     os.path.join(args.out, "variants_loss_vs_flops.png"), "flops",
                     f"EST variants, seed {first}: validation loss vs training FLOPs")
-    command = "python tools/reproduce.py " + shlex.join(argv)
+    command = "python tools/reproduce.py " + shlex.join(a for a in argv if a != "--report-only")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(f"# Study results\n\nCommand:\n\n    {command}\n\n{table}\n\n"
                 f"Each EST method against its compute-matched control (per-seed differences of final validation "

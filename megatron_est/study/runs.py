@@ -83,6 +83,7 @@ class Study:
     script: str
     train_argv: list[str]
     with_control: bool = True
+    report_only: bool = False  # train nothing: take the finished runs, skip the others
     finished: list[Run] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)  # EST method -> its control method
     errors: list[str] = field(default_factory=list)
@@ -92,6 +93,8 @@ class Study:
     def _launch(self, run: Run) -> bool:
         with self._guard:
             lock = self._locks[run.name]
+        if self.report_only and not os.path.exists(os.path.join(self.out_dir, run.name + ".done")):
+            return False
         try:
             with lock:  # two EST variants of equal FLOPs wait for one shared control
                 launch(run, self.out_dir, self.script)
