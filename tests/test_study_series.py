@@ -1,0 +1,30 @@
+"""tools/study_series.py: the table compares studies on the seeds they share (hand-made study folders)."""
+import json
+import os
+
+import pytest
+
+from tools.study_series import main
+
+
+def _study(folder, iters, losses):
+    """losses: {(method, seed): final val loss}; the baseline's metrics give tokens and its curve."""
+    os.makedirs(folder)
+    runs = [{"method": m, "seed": s, "final_val_loss": v} for (m, s), v in losses.items()]
+    json.dump({"matched": {"est": "control-i9"}, "runs": runs}, open(os.path.join(folder, "results.json"), "w"))
+    with open(os.path.join(folder, "baseline-s0.jsonl"), "w") as f:
+        f.write(json.dumps({"iteration": iters, "lm_loss": 1.0, "tokens": iters * 100}) + "\n")
+        f.write(json.dumps({"iteration": iters, "val_loss": losses[("baseline", 0)]}) + "\n")
+
+
+def test_series_on_shared_seeds(tmp_path):
+    short, long = str(tmp_path / "short"), str(tmp_path / "long")
+    _study(long, 20, {("baseline", 0): 2.0, ("est", 0): 2.1, ("control-i9", 0): 2.05})
+    _study(short, 10, {("baseline", 0): 3.0, ("est", 0): 3.4, ("control-i9", 0): 3.1,
+                       ("baseline", 1): 9.0, ("est", 1): 9.0, ("control-i9", 1): 9.0})  # seed 1: not shared
+    rows = main(["--out", str(tmp_path / "out"), "--params", "100", long, short])
+    assert [r["tokens"] for r in rows] == [1000, 2000]
+    assert rows[0]["est"] - rows[0]["control"] == pytest.approx(0.3)  # seed 0 only
+    assert rows[1]["est"] - rows[1]["baseline"] == pytest.approx(0.1)
+    assert os.path.getsize(tmp_path / "out" / "series.png") > 0
+    assert "| 10 |" in open(tmp_path / "out" / "series.md").read()  # 1000 tokens / 100 parameters

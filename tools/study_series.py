@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Compare reproduce.py studies that differ only in training length: how EST's gap to the baseline and to the
+compute-matched control changes with tokens per parameter.
+
+    python tools/study_series.py --out docs/repro/series-h64 --params 268800 \
+        docs/repro/study-h64-iters1200 docs/repro/study-h64 docs/repro/study-h64-iters4800
+
+Reads each study's results.json and metrics files; writes OUT/series.md (table) and OUT/series.png (final
+validation loss against training tokens per method, and the baselines' validation curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _tokens_and_curve(metrics: str) -> tuple[int, list[tuple[int, float]]]:
+    with open(metrics) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    per_step = next(r["tokens"] // r["iteration"] for r in recs if "tokens" in r)
+    curve = [(r["iteration"] * per_step, r["val_loss"]) for r in recs if "val_loss" in r]
+    return curve[-1][0], curve
+
+
+def study_row(folder: str, seeds: set[int]) -> dict:
+    """Final validation loss of baseline, EST and EST's matched control, mean over `seeds`."""
+    with open(os.path.join(folder, "results.json")) as f:
+        res = json.load(f)
+    kinds = {"baseline": "baseline", "est": "est", "control": res["matched"]["est"]}
+    tokens, curve = _tokens_and_curve(os.path.join(folder, "baseline-s0.jsonl"))
+    row = {"folder": folder, "tokens": tokens, "curve": curve}
+    for m, k in kinds.items():
+        losses = [r["final_val_loss"] for r in res["runs"] if r["method"] == k and r["seed"] in seeds]
+        row[m] = sum(losses) / len(losses)
+    return row
+
+
+def _seeds(folder: str) -> set[int]:
+    with open(os.path.join(folder, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    return {r["seed"] for r in runs if r["method"] == "est"}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("studies", nargs="+", help="reproduce.py output folders, same model and schedule")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--params", type=int, required=True, help="model parameters, for tokens per parameter")
+    args = ap.parse_args(argv)
+    seeds = set.intersection(*(_seeds(d) for d in args.studies))  # compare like with like
+    if not seeds:
+        ap.error("the studies have no EST seed in common")
+    rows = sorted((study_row(d, seeds) for d in args.studies), key=lambda r: r["tokens"])
+    os.makedirs(args.out, exist_ok=True)
+    lines = ["| study | training tokens | tokens/param | baseline | EST | control | EST - baseline | "
+             "EST - control | control - baseline |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['folder']} | {r['tokens']:.3g} | {r['tokens'] / args.params:.0f} | "
+                     f"{r['baseline']:.4f} | {r['est']:.4f} | {r['control']:.4f} | {r['est'] - r['baseline']:+.4f} | "
+                     f"{r['est'] - r['control']:+.4f} | {r['control'] - r['baseline']:+.4f} |")
+    with open(os.path.join(args.out, "series.md"), "w") as f:
+        f.write(f"Final validation loss by training length (seeds {sorted(seeds)}, the ones all studies have).\n\n"
+                + "\n".join(lines) + "\n")
+    _plot(rows, args.params, os.path.join(args.out, "series.png"))
+    print("\n".join(lines))
+    return rows
+
+
+def _plot(rows: list[dict], params: int, path: str) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [r["tokens"] / params for r in rows]
+    for m, c in (("baseline", "tab:blue"), ("est", "tab:red"), ("control", "tab:green")):
+        a.plot(xs, [r[m] for r in rows], marker="o", color=c, label=m)
+    a.set_xscale("log")
+    a.set_xlabel("training tokens per parameter (baseline)")
+    a.set_ylabel("final validation loss")
+    a.set_title("final loss by training length")
+    for r in rows:
+        b.plot([t / params for t, _ in r["curve"]], [v for _, v in r["curve"]], label=f"{r['tokens']:.2g} tokens")
+    b.set_xscale("log")
+    b.set_xlabel("tokens per parameter so far")
+    b.set_ylabel("validation loss (baseline, seed 0)")
+    b.set_title("baseline curves")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
