@@ -29,6 +29,8 @@ _HELP = {
                               "start by one common factor so the saving (this model, sequence length and "
                               "--train-iters) is within 0.5 percentage points of it",
     ("est", "layer_rescale"): "scale active residual branches by N_L/k_L in layer-sampling stages",
+    ("est", "unsampled_update"): "parameters outside the subnetwork: freeze (untouched, AdamW moments too), adamw "
+                                 "(zero gradient, AdamW moves them) or auto (default: freeze; adamw under --deepspeed)",
     ("est", "tp_strata"): "sampling strata for heads and neurons (default: the TP size)",
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",
     ("data", "extra_valid_data_path"): "extra validation sets (dataset prefixes, all documents used), each "

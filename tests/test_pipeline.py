@@ -53,7 +53,9 @@ def _cfg(family: str, run: str, tp: int = 1, pp: int = 1, first=None, last=None)
     # eps keeps such steps proportional to the gradient; a real layout bug still moves weights by ~lr.
     tr = TrainConfig(micro_batch_size=MBS, global_batch_size=GBS, train_iters=ITERS, lr=3e-3, lr_warmup_iters=2,
                      adam_eps=1e-4, log_interval=1, eval_interval=ITERS, eval_iters=1, seed=4)
-    return Config(model=tiny(family, num_layers=4), parallel=par, est=ESTConfig(**RUNS[run]), train=tr)
+    # "adamw" explicitly: "auto" would freeze the one-process reference but not the pipelined runs.
+    est = ESTConfig(**RUNS[run], unsampled_update="adamw")
+    return Config(model=tiny(family, num_layers=4), parallel=par, est=est, train=tr)
 
 
 def _record_layers(model) -> list[list[int]]:

@@ -67,3 +67,22 @@ def test_adamw_mode_moves_unsampled_parameters(family):
         drop = torch.ones(p.shape[dim], dtype=torch.bool)
         drop[kept] = False
         assert not torch.equal(_rows(p, dim, drop.nonzero().squeeze(1)), _rows(before[p][0], dim, drop.nonzero().squeeze(1)))
+
+
+def test_auto_is_freeze_except_under_deepspeed():
+    from megatron_est.config import EngineConfig, unsampled_update
+
+    plain = Config(model=tiny("gpt2"))
+    assert plain.est.unsampled_update == "auto" and unsampled_update(plain) == "freeze"
+    assert unsampled_update(Config(model=tiny("gpt2"), engine=EngineConfig(deepspeed=True))) == "adamw"
+    assert unsampled_update(Config(model=tiny("gpt2"), est=ESTConfig(unsampled_update="adamw"))) == "adamw"
+
+
+def test_auto_is_adamw_with_pipeline_parallelism_and_freeze_is_refused_there():
+    from megatron_est.config import ConfigError, ParallelConfig, unsampled_update, validate
+
+    pp2 = Config(model=tiny("gpt2", num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2))
+    assert unsampled_update(pp2) == "adamw"
+    with pytest.raises(ConfigError, match="pipeline"):
+        validate(Config(model=tiny("gpt2", num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2),
+                        est=ESTConfig(unsampled_update="freeze")), 2)

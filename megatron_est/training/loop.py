@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_est.config import Config
+from megatron_est.config import Config, unsampled_update
 from megatron_est.est.flops import step_flops
 from megatron_est.est.sampler import Subnetwork, SubnetworkSampler
 from megatron_est.model.language_model import LanguageModel
@@ -53,7 +53,7 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: l
     if st.pp > 1:
         sync_tied_embedding_grads(params, st.embd_group)
     sync_data_parallel_grads(params, st.dp_group, st.dp)
-    freeze = cfg.est.unsampled_update == "freeze"
+    freeze = unsampled_update(cfg) == "freeze"
     if not freeze:
         zero_fill_missing_grads(params)
     norm = float("nan")  # an fp16 step skipped for overflow has no gradient norm

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from megatron_est.arguments import parse_args
-from megatron_est.config import Config, ConfigError, validate
+from megatron_est.config import Config, ConfigError, unsampled_update, validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.model.build import build_model
@@ -85,7 +85,8 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
-              f"EST schedule: {describe_schedule(cfg.est, build_sampler(cfg).schedule)}")
+              f"EST schedule: {describe_schedule(cfg.est, build_sampler(cfg).schedule)}; "
+              f"unsampled parameters: {unsampled_update(cfg)}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
     extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}

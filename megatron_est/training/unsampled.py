@@ -1,10 +1,11 @@
 """What the optimizer does to parameters outside the step's subnetwork (--est-unsampled-update).
 
-"adamw" (default): they get a zero gradient, so AdamW still moves them by momentum and weight decay and every
-parameter's step count advances every step (what ZeRO-1/2 do as well).
-"freeze": they and their AdamW moments are left exactly as they were. Skipped layers keep grad None, which torch's
-AdamW skips outright; for sliced weights the unsampled rows/columns and their exp_avg / exp_avg_sq are saved before
-optimizer.step() and written back after. Caveat: AdamW's step count (bias correction) is per tensor, so it still
+"adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay and every parameter's
+step count advances every step (what ZeRO does, so the only mode under --deepspeed).
+"freeze" (the default on the plain engine, via "auto"; config.unsampled_update): they and their AdamW moments
+are left exactly as they were. Skipped layers keep grad None, which torch's AdamW skips outright; for sliced
+weights the unsampled rows/columns and their exp_avg / exp_avg_sq are saved before optimizer.step() and written
+back after. Caveat: AdamW's step count (bias correction) is per tensor, so it still
 advances for a tensor of which only some rows trained.
 """
 from __future__ import annotations
