@@ -4,10 +4,10 @@
         --seq-length 128 --micro-batch-size 32 --vocab-size 1024 --train-iters 2400 --num-threads 1 \
         --est-schedule "0%:0.5,0.5,0.5;25%:0.5,0.5,1;50%:1,1,1"
 
-Flags after `--` are training flags (model, batch, schedule, --est-target-saving, --num-threads). Each round
-times one optimizer step of the full model and one of every sampled stage (a new subnetwork each step),
-interleaved so that machine noise hits all alike. A step is forward + backward + zero-fill + clip + AdamW on
-random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
+Flags after `--` are training flags (model, batch, schedule, --est-target-saving, --est-unsampled-update,
+--num-threads). Each round times one optimizer step of the full model and one of every sampled stage (a new
+subnetwork each step), interleaved so that machine noise hits all alike. A step is forward + backward + clip +
+the optimizer step as training takes it (AdamW over zero-filled gradients, or the freeze step) on random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
 (train iterations x median full step), printed next to its FLOPs saving: what a training run would save on a
 quiet machine, without data loading, evaluation or logging.
 """
@@ -23,12 +23,14 @@ import torch  # noqa: E402
 
 from bench.common import interleaved_times, median  # noqa: E402
 from megatron_est.arguments import parse_args  # noqa: E402
+from megatron_est.config import unsampled_update  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.savings import schedule_flops  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
 from megatron_est.parallel.grads import grad_norm_and_clip, zero_fill_missing_grads  # noqa: E402
 from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+from megatron_est.training.unsampled import kept_slices, step_frozen  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,21 +51,25 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),
                            generator=torch.Generator().manual_seed(0))
     counters = {st.stage: st.first for st in stages}
+    freeze = unsampled_update(cfg) == "freeze"  # as training does it (training/loop.py)
 
     def step(stage: int | None) -> None:
         sub = None
         if stage is not None:  # draw as training does, walking through the stage's own iterations
             sub, counters[stage] = sampler(counters[stage]), counters[stage] + 1
+        plan = model.make_plan(sub)
         opt.zero_grad(set_to_none=True)
-        model(tokens[:, :-1], tokens[:, 1:], model.make_plan(sub)).mean().backward()
-        zero_fill_missing_grads(params)
+        model(tokens[:, :-1], tokens[:, 1:], plan).mean().backward()
+        if not freeze:
+            zero_fill_missing_grads(params)
         grad_norm_and_clip(params, tr.clip_grad, None, 1)
-        opt.step()
+        step_frozen(opt, kept_slices(model, plan)) if freeze else opt.step()
 
     variants = {"full": lambda: step(None)}
     variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages
                      if st.flops != st.full_flops})
     times = {k: median(v) for k, v in interleaved_times(variants, args.reps).items()}
+    print(f"# unsampled parameters: {unsampled_update(cfg)}")
     return report(stages, times, tr.train_iters, cfg.est.schedule, m, tokens_per_step)
 
 
