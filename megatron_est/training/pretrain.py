@@ -83,15 +83,16 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
         model, optimizer, engine = ds.engine, None, ds.engine
         precision, step_fn = dse.DeepSpeedMetrics(ds), dse.step_function(ds)
     n_params = sum(p.numel() for p in model.parameters())
+    sampler = build_sampler(cfg)  # a pure function of (seed, iteration): one serves logging and training
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
-              f"EST schedule: {describe_schedule(cfg.est, build_sampler(cfg).schedule)}; "
+              f"EST schedule: {describe_schedule(cfg.est, sampler.schedule)}; "
               f"unsampled parameters: {unsampled_update(cfg)}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
     extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}
     ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision, engine=engine)
-    state = train(cfg, st, model, optimizer, build_sampler(cfg), train_b, valid_b, log=log,
+    state = train(cfg, st, model, optimizer, sampler, train_b, valid_b, log=log,
                   state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn,
                   extra_valid_batches=extra_b)
     ckpt.close()
