@@ -6,8 +6,8 @@
 
 Flags after `--` are training flags (model, batch, schedule, --est-target-saving, --est-unsampled-update,
 --num-threads). Each round times one optimizer step of the full model and one of every sampled stage (a new
-subnetwork each step), interleaved so that machine noise hits all alike. A step is forward + backward + clip +
-the optimizer step as training takes it (AdamW over zero-filled gradients, or the freeze step) on random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
+subnetwork each step), interleaved so that machine noise hits all alike. A step is training/loop.py's train_step
+(forward, backward, clip, AdamW over zero-filled gradients or the freeze step) on random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
 (train iterations x median full step), printed next to its FLOPs saving: what a training run would save on a
 quiet machine, without data loading, evaluation or logging.
 """
@@ -25,12 +25,12 @@ from bench.common import interleaved_times, median  # noqa: E402
 from megatron_est.arguments import parse_args  # noqa: E402
 from megatron_est.config import unsampled_update  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
-from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.savings import schedule_flops  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
-from megatron_est.parallel.grads import grad_norm_and_clip, zero_fill_missing_grads  # noqa: E402
+from megatron_est.parallel.state import SINGLE  # noqa: E402
+from megatron_est.training.batches import MicroBatches, RandomTokens  # noqa: E402
+from megatron_est.training.loop import train_step  # noqa: E402
 from megatron_est.training.optimizer import build_optimizer  # noqa: E402
-from megatron_est.training.unsampled import kept_slices, step_frozen  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,22 +48,17 @@ def main(argv: list[str] | None = None) -> dict:
     model = LanguageModel(m, seed=0)
     opt = build_optimizer(model, tr)
     params = list(model.parameters())
-    tokens = torch.randint(0, m.vocab_size, (tr.micro_batch_size, m.seq_length + 1),
-                           generator=torch.Generator().manual_seed(0))
+    data = RandomTokens(m.vocab_size, m.seq_length, n=4 * tr.micro_batch_size, seed=0)
+    batches = MicroBatches(data, tr.micro_batch_size, tr.micro_batch_size, 1, 0)
     counters = {st.stage: st.first for st in stages}
-    freeze = unsampled_update(cfg) == "freeze"  # as training does it (training/loop.py)
 
     def step(stage: int | None) -> None:
-        sub = None
+        """One training step exactly as training/loop.py takes it (AdamW or the freeze step)."""
+        sub, it = None, 0
         if stage is not None:  # draw as training does, walking through the stage's own iterations
-            sub, counters[stage] = sampler(counters[stage]), counters[stage] + 1
-        plan = model.make_plan(sub)
-        opt.zero_grad(set_to_none=True)
-        model(tokens[:, :-1], tokens[:, 1:], plan).mean().backward()
-        if not freeze:
-            zero_fill_missing_grads(params)
-        grad_norm_and_clip(params, tr.clip_grad, None, 1)
-        step_frozen(opt, kept_slices(model, plan)) if freeze else opt.step()
+            sub, it = sampler(counters[stage]), counters[stage]
+            counters[stage] += 1
+        train_step(model, opt, params, batches, sub, cfg, SINGLE, it)
 
     variants = {"full": lambda: step(None)}
     variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages
