@@ -43,9 +43,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.barrier()
+    except BaseException:
+        # No barrier: the peers may be waiting in a collective this rank will never join. Closing our connections
+        # makes theirs fail, so a bug in one rank fails the test at once instead of hanging it.
         dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable, world: int, *args) -> list:

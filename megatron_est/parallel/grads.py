@@ -84,7 +84,9 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tp_gro
     if pp > 1:
         dist.all_reduce(total_sq, group=pp_group)
     norm = math.sqrt(float(total_sq))
-    if max_norm > 0 and norm > max_norm:
+    # A pipeline stage whose layers were all skipped may hold no gradient at all (freeze leaves them None); it
+    # still joined the norm's all-reduce above, and has nothing to scale.
+    if max_norm > 0 and norm > max_norm and grads:
         torch._foreach_mul_([p.grad for p in grads], max_norm / (norm + 1e-6))
     return norm
 
