@@ -35,6 +35,8 @@ _HELP = {
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",
     ("data", "extra_valid_data_path"): "extra validation sets (dataset prefixes, all documents used), each "
                                        "evaluated and logged by name: e.g. a held-out domain",
+    ("engine", "tf32"): "TF32 tensor cores for fp32 matmuls and convolutions on GPUs of compute capability >= 8 "
+                        "(default on; --no-tf32 for full fp32 precision, e.g. to compare with a CPU run)",
 }
 
 

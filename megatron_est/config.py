@@ -168,7 +168,8 @@ class EngineConfig:
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON, used as is (batch sizes checked against ours)
     zero_stage: Optional[int] = None  # without a JSON: the ZeRO stage of the derived config (default 1)
     offload_optimizer: bool = False  # without a JSON: ZeRO optimizer state (and step) on the CPU
-    use_apex: bool = True  # apex's fused norms/Adam when importable on GPU, torch-native otherwise
+    use_apex: bool = True  # apex's fused norms/Adam on GPU when its CUDA extensions load, else torch-native
+    tf32: bool = True  # TF32 for fp32 matmuls on compute capability >= 8 (Ampere+); --no-tf32: exact fp32
 
     def __post_init__(self) -> None:
         if self.recompute_activations and self.recompute_granularity is None:

@@ -1,15 +1,11 @@
-"""LayerNorm / RMSNorm: apex's fused kernels when importable on GPU, torch-native otherwise."""
+"""LayerNorm / RMSNorm: apex's fused kernels on CUDA tensors when apex's CUDA extension loads, torch otherwise."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # NVIDIA apex (not on PyPI): fused CUDA kernels; optional
-    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
-    HAVE_APEX = True
-except Exception:  # noqa: BLE001 (ImportError, or a broken build that fails at import)
-    HAVE_APEX = False
+from megatron_est.kernels import apex_norms
 
 _USE_APEX = True
 
@@ -21,7 +17,7 @@ def set_use_apex(flag: bool) -> None:
 
 
 def apex_active(x: torch.Tensor) -> bool:
-    return HAVE_APEX and _USE_APEX and x.is_cuda
+    return _USE_APEX and x.is_cuda and apex_norms() is not None
 
 
 class Norm(nn.Module):
@@ -33,6 +29,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if apex_active(x):
+            fused_layer_norm_affine, fused_rms_norm_affine = apex_norms()
             shape = (x.shape[-1],)
             if self.kind == "layernorm":
                 return fused_layer_norm_affine(x, self.weight, self.bias, shape, self.eps)

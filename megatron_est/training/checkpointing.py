@@ -39,7 +39,7 @@ from megatron_est.parallel.state import ParallelState
 from megatron_est.training.checkpoint_layout import (CHECKPOINT_VERSION, LATEST_FILE, METADATA_FILE, SHARD_FILE,
     _OLD_PREFIX, _TMP_PREFIX, _metadata, config_dict, est_state_path, iter_dir_name, read_metadata,
     shard_dir_name, shard_path)
-from megatron_est.training.optimizer import learning_rate
+from megatron_est.training.optimizer import learning_rate, load_optimizer_state, optimizer_state_for_checkpoint
 
 # --------------------------------------------------------------------------------------------- atomic io
 
@@ -78,15 +78,15 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- RNG
+# CUDA: only the generator of the device this process computes on is saved, with its index, and restored onto
+# this process's current device, so a checkpoint resumes where a process sees fewer (or other) GPUs, or none.
+# Checkpoints before this held torch.cuda.get_rng_state_all(), a list over every visible GPU.
 def get_rng_state() -> dict:
     """Every RNG stream of this process, as tensors and plain Python values (loadable with weights_only)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {"random": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-             "torch": torch.get_rng_state(), "cuda": None}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"random": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(), "cuda": _get_cuda_rng()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -94,8 +94,35 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if _cuda_in_use():  # a CPU run ignores a GPU run's CUDA state
+        index = torch.cuda.current_device()
+        cuda = cuda_rng_for_device(state.get("cuda"), index)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, index)
+
+
+def _get_cuda_rng() -> Optional[dict]:
+    """{"device": index, "state": ByteTensor} of the current CUDA device; None when CUDA is not in use."""
+    if not _cuda_in_use():
+        return None
+    index = torch.cuda.current_device()
+    return {"device": index, "state": torch.cuda.get_rng_state(index)}
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def cuda_rng_for_device(saved, index: int) -> Optional[torch.Tensor]:
+    """The saved CUDA generator state to restore on device `index`: the one saved (whichever device it came
+    from); from an old per-GPU list, the entry of the same index when there is one, else the first."""
+    if saved is None:
+        return None
+    if isinstance(saved, dict):
+        return saved["state"]
+    if len(saved) == 0:
+        return None
+    return saved[index] if index < len(saved) else saved[0]
 
 
 def _gather_rng(st: ParallelState) -> list:
@@ -199,7 +226,8 @@ class Checkpointer:
             shard_dir = os.path.join(tmp, shard_dir_name(st.tp_rank, st.pp_rank, st.pp))
             os.makedirs(shard_dir, exist_ok=True)
             payload["model"] = self.model.state_dict()
-            payload["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
+            payload["optimizer"] = (optimizer_state_for_checkpoint(self.optimizer) if self.optimizer is not None
+                                    else None)
             _save_file(payload, os.path.join(shard_dir, SHARD_FILE))
         self._barrier()
         if st.rank == 0:
@@ -264,7 +292,7 @@ class Checkpointer:
                 load_model_weights(self.model, payload, path)
             load_optim = not (ck.no_load_optim or ck.finetune) and payload.get("optimizer") is not None
             if load_optim and self.engine is None:
-                self.optimizer.load_state_dict(payload["optimizer"])
+                load_optimizer_state(self.optimizer, payload["optimizer"])
         if not (ck.no_load_optim or ck.finetune) and self.scaler is not None and payload.get("grad_scaler"):
             self.scaler.load_state_dict(payload["grad_scaler"])
         if not (ck.no_load_rng or ck.finetune) and payload.get("rng_state"):

@@ -1,26 +1,23 @@
-"""AdamW with Megatron's parameter groups and the warmup + decay learning-rate schedule."""
+"""AdamW with Megatron's parameter groups and the warmup + decay learning-rate schedule; optimizer state in one
+checkpoint layout whichever AdamW implementation (torch's or apex's FusedAdam) ran."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from megatron_est.config import TrainConfig
+from megatron_est.config import ConfigError, TrainConfig
+from megatron_est.kernels import apex_fused_adam
 
 
-def apex_fused_adam():
-    """apex.optimizers.FusedAdam when NVIDIA apex is importable, else None."""
-    try:
-        from apex.optimizers import FusedAdam
-    except Exception:  # noqa: BLE001
-        return None
-    return FusedAdam
-
-
-def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True,
+                    skips_tensors: bool = False) -> torch.optim.Optimizer:
     """Biases and norm weights (1-D parameters) get no weight decay, as in Megatron.
 
-    On GPU: apex's FusedAdam (AdamW mode) when importable and use_apex, else torch's fused AdamW.
+    On GPU: apex's FusedAdam (AdamW mode) when its CUDA extension loads and use_apex, else torch's fused AdamW.
+    skips_tensors (--est-unsampled-update freeze: skipped layers keep grad None): torch's AdamW, which counts
+    steps per tensor; FusedAdam keeps one step count per group that advances for tensors it skips, so their
+    bias correction would differ from the CPU run's.
     """
     decay, no_decay = [], []
     for p in model.parameters():
@@ -29,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = Tr
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused kernels on GPU; the multi-tensor (foreach) path on CPU, where the default is a per-tensor loop.
     cuda = next(model.parameters()).is_cuda
-    fused_adam = apex_fused_adam() if cuda and use_apex else None
+    fused_adam = apex_fused_adam() if cuda and use_apex and not skips_tensors else None
     if fused_adam is not None:
         return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
                           adam_w_mode=True)
@@ -56,3 +53,67 @@ def learning_rate(tr: TrainConfig, iteration: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+# ------------------------------------------------------------------------------ checkpointed optimizer state
+# torch's AdamW keeps a float32 tensor state[p]["step"] per parameter. apex's FusedAdam (apex/optimizers/
+# fused_adam.py) keeps only exp_avg / exp_avg_sq (fp32) per parameter and one step count per param group,
+# group["step"] (a Python int; an int tensor when capturable), advanced on every step() call; its groups also
+# carry "bias_correction". Checkpoints hold torch's layout, converted on save and on load, so a run resumes with
+# or without apex. Under --deepspeed, DeepSpeed owns the optimizer state and none of this applies.
+_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")  # taken from the checkpoint, as torch's loading does
+
+
+def uses_param_steps(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's Adam/AdamW (per-parameter step), False for FusedAdam's per-group step."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def group_steps_to_param_steps(sd: dict) -> dict:
+    """A state dict in FusedAdam's layout -> torch AdamW's (a state dict already in torch's is returned as is)."""
+    state = {i: dict(s) for i, s in sd["state"].items()}
+    for g in sd["param_groups"]:
+        if g.get("step") is not None:  # float(): an int, or capturable FusedAdam's one-element tensor
+            for i in g["params"]:
+                if i in state:
+                    state[i]["step"] = torch.tensor(float(g["step"]), dtype=torch.float32)
+    groups = [{k: v for k, v in g.items() if k not in ("step", "bias_correction")} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def param_steps_to_group_steps(sd: dict) -> dict:
+    """torch AdamW's layout -> FusedAdam's. The group's step is its largest per-parameter step: the number of
+    optimizer steps (a tensor that skipped steps, possible only under the freeze mode, loses its own count)."""
+    state = {i: {k: v for k, v in s.items() if k != "step"} for i, s in sd["state"].items()}
+    groups = []
+    for g in sd["param_groups"]:
+        steps = [int(sd["state"][i]["step"]) for i in g["params"] if "step" in sd["state"].get(i, {})]
+        g = {**g, "bias_correction": True}
+        if steps:
+            g["step"] = max(steps)
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def optimizer_state_for_checkpoint(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() in torch AdamW's layout, whichever implementation ran."""
+    sd = optimizer.state_dict()
+    return sd if uses_param_steps(optimizer) else group_steps_to_param_steps(sd)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a checkpoint's optimizer state written by either implementation (older checkpoints hold FusedAdam's
+    layout as it was) into this run's optimizer, which keeps its own implementation switches (fused, foreach,
+    capturable: a GPU checkpoint resumes on CPU); the state and the hyperparameters come from the checkpoint."""
+    sd = group_steps_to_param_steps(sd)
+    if not uses_param_steps(optimizer):
+        sd = param_steps_to_group_steps(sd)
+    if len(sd["param_groups"]) != len(optimizer.param_groups):
+        raise ConfigError(f"--load: the checkpoint's optimizer state has {len(sd['param_groups'])} parameter "
+                          f"groups, this run's optimizer {len(optimizer.param_groups)}")
+    groups = []
+    for live, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        g = {k: v for k, v in live.items() if k not in ("params", "step")}
+        g.update({k: saved[k] for k in (*_HYPERPARAMETERS, "step", "params") if k in saved})
+        groups.append(g)
+    optimizer.load_state_dict({"state": sd["state"], "param_groups": groups})

@@ -12,6 +12,7 @@ from megatron_est.arguments import parse_args
 from megatron_est.config import Config, ConfigError, unsampled_update, validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
+from megatron_est.kernels import configure_kernels
 from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
 from megatron_est.training.batches import MicroBatches
@@ -72,7 +73,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     model = build_model(cfg, st)  # this rank's pipeline stage
     configure_model(cfg, model)  # activation recompute, apex switch
-    optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
+    optimizer = build_optimizer(model, tr, cfg.engine.use_apex, unsampled_update(cfg) == "freeze")
     precision = build_precision(cfg.engine, st.device)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
     ds = engine = step_fn = None
@@ -82,6 +83,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
         ds = dse.initialize(cfg, st, model, log, resume)
         model, optimizer, engine = ds.engine, None, ds.engine
         precision, step_fn = dse.DeepSpeedMetrics(ds), dse.step_function(ds)
+    log.print(configure_kernels(cfg.engine, st.device, optimizer))  # TF32 on/off, apex or torch kernels
     n_params = sum(p.numel() for p in model.parameters())
     sampler = build_sampler(cfg)  # a pure function of (seed, iteration): one serves logging and training
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
