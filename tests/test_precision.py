@@ -1,15 +1,25 @@
-"""Mixed precision (bf16, fp16 with dynamic loss scaling) in the plain engine, activation recompute of the
-sampled subnetwork, and apex against torch-native kernels where apex exists."""
+"""Mixed precision (bf16, fp16 with dynamic loss scaling) in the plain engine, evaluation under the run's
+autocast, activation recompute of the sampled subnetwork, and apex against torch-native kernels where apex
+exists."""
+import dataclasses
+
 import pytest
 import torch
 
+from megatron_est import kernels
+from megatron_est.est.build import build_sampler
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
 from megatron_est.est.schedule import Schedule, Stage
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.model.recompute import configure_recompute
 from megatron_est.parallel.state import ParallelState
-from megatron_est.training.precision import DynamicLossScaler
-from tests.engine_harness import make_cfg, run_plain, with_checkpoint
+from megatron_est.training.batches import MicroBatches
+from megatron_est.training.evaluate import evaluate
+from megatron_est.training.loop import train
+from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.optimizer import build_optimizer
+from megatron_est.training.precision import DynamicLossScaler, build_precision
+from tests.engine_harness import build_model, dataset, held_out_dataset, make_cfg, run_plain, with_checkpoint
 from tests.helpers import tiny, token_batch
 
 
@@ -94,6 +104,29 @@ def test_fp16_dynamic_loss_scaling_skips_overflowing_steps_and_resumes(tmp_path)
     assert second["records"][-1]["loss_scale"] == ok["records"][-1]["loss_scale"]
 
 
+def test_bf16_run_evaluates_under_autocast():
+    """The validation loss a bf16 run logs is the model's loss under bf16 autocast, not its fp32 loss (GQA model:
+    on GPU, fp32 q/k/v would also send attention to SDPA's math kernel)."""
+    cfg = make_cfg(family="llama", iters=2, engine={"bf16": True})
+    # A large LR: after 2 steps the logits are far from uniform, so bf16 rounding shows in the loss.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_iters=1, lr=3e-2))
+    st, gbs, mbs = ParallelState(), cfg.train.global_batch_size, cfg.train.micro_batch_size
+    model = build_model(cfg, st)
+    precision = build_precision(cfg.engine, st.device)
+    valid = MicroBatches(held_out_dataset(cfg), gbs, mbs, 1, 0)
+    state = train(cfg, st, model, build_optimizer(model, cfg.train), build_sampler(cfg),
+                  MicroBatches(dataset(cfg), gbs, mbs, 1, 0), valid, log=MetricsLog(None, enabled=False),
+                  precision=precision)
+    logged = [r["val_loss"] for r in state.history if "val_loss" in r]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = [valid.get(0, m) for m in range(valid.num_micro)]
+        direct = sum(float(model(t[:, :-1], t[:, 1:]).mean()) for t in tokens) / len(tokens)
+    fp32 = evaluate(model, valid, 1, st)
+    assert len(logged) == 1 and abs(logged[0] - direct) < 1e-6
+    assert abs(fp32 - direct) > 5e-5  # the fp32 loss differs: the comparison can tell the two apart
+
+
 def test_loss_scaler_rules():
     s = DynamicLossScaler(1024.0, min_scale=256.0, window=2, hysteresis=2)
     s.update(True)
@@ -112,10 +145,10 @@ def test_loss_scaler_rules():
 
 def test_apex_kernels_match_torch_native():
     from megatron_est.model import norms
-    from megatron_est.training.optimizer import apex_fused_adam
 
-    if not (norms.HAVE_APEX and torch.cuda.is_available() and apex_fused_adam() is not None):
-        pytest.skip("NVIDIA apex with CUDA is not available here")
+    apex_fused_adam = kernels.apex_fused_adam
+    if not (torch.cuda.is_available() and kernels.apex_norms() is not None and apex_fused_adam() is not None):
+        pytest.skip("NVIDIA apex with its CUDA extensions is not available here")
     torch.manual_seed(0)
     x = torch.randn(4, 16, 64, device="cuda")
     for kind in ("layernorm", "rmsnorm"):

@@ -1,21 +1,30 @@
 """Validation loss of the full, unscaled model (EST never applies at evaluation)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.pipeline_schedule import forward_only
+from megatron_est.training.precision import Precision
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: MicroBatches, eval_iters: int, st: ParallelState) -> float:
+def evaluate(model: torch.nn.Module, batches: MicroBatches, eval_iters: int, st: ParallelState,
+             precision=None) -> float:
+    """precision: the run's training.precision.Precision (bf16/fp16 runs evaluate under the autocast they train
+    with, which also lets GPU attention use its half-precision kernels); anything else (None for fp32, the
+    DeepSpeed adapter, whose module already runs in half precision) evaluates as the module is."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=st.device)
-    for step in range(eval_iters):  # through the pipeline stages when pp > 1; the loss is on the last one
-        total += forward_only(model, batches, step, st).double()
+    autocast = precision.autocast() if isinstance(precision, Precision) else contextlib.nullcontext()
+    with autocast:
+        for step in range(eval_iters):  # through the pipeline stages when pp > 1; the loss is on the last one
+            total += forward_only(model, batches, step, st).double()
     if st.pp > 1:
         dist.all_reduce(total, group=st.pp_group)
     total /= eval_iters * batches.num_micro

@@ -122,12 +122,12 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
         if valid_batches is not None and (state.iteration % tr.eval_interval == 0
                                           or state.iteration == tr.train_iters):
             t_eval = time.perf_counter()
-            val = evaluate(model, valid_batches, tr.eval_iters, st)
+            val = evaluate(model, valid_batches, tr.eval_iters, st, precision)  # the run's autocast
             rec = {"iteration": state.iteration, "val_loss": val, "cumulative_flops": state.cumulative_flops,
                    "full_cumulative_flops": state.full_cumulative_flops}
             log.print(f" validation loss at iteration {state.iteration} | lm loss: {val:.6E} |")
             if extra_valid_batches:
-                rec["extra_val_loss"] = {name: evaluate(model, b, tr.eval_iters, st)
+                rec["extra_val_loss"] = {name: evaluate(model, b, tr.eval_iters, st, precision)
                                          for name, b in extra_valid_batches.items()}
                 log.print("".join(f" {name} loss: {v:.6E} |" for name, v in rec["extra_val_loss"].items()))
             log.record(rec)

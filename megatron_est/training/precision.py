@@ -4,8 +4,9 @@ The model's parameters stay fp32 (they are the master weights, and the optimizer
 and attention run in bf16/fp16 under torch.autocast, while norms, softmax statistics and the loss stay fp32.
 Gradients reach the parameters in fp32, so accumulation over micro-batches and the data-parallel all-reduce are
 fp32. This is the memory trade of torch AMP rather than Megatron's (half-precision weights plus a separate fp32
-copy): it saves activation memory, not weight memory. Under --deepspeed, DeepSpeed's own bf16/fp16 modes are
-used instead (half-precision module, fp32 partitions in the optimizer).
+copy): it saves activation memory, not weight memory. Evaluation runs under the same autocast
+(training/evaluate.py). Under --deepspeed, DeepSpeed's own bf16/fp16 modes are used instead (half-precision
+module, fp32 partitions in the optimizer).
 
 fp16 gradients can overflow: the loss is multiplied by a dynamic scale before backward; after the gradients
 are reduced, every rank checks them for inf/NaN and all ranks agree (one all-reduce). An overflowing step is
