@@ -1,10 +1,12 @@
 """3D parallelism equals one process: every (TP, PP, DP) layout trains the same EST run to the same losses and
 weights, for GPT-2 (tied embedding split over the first and last stage) and Llama.
 
-One spawn per world size runs every layout of that size, both families and both sampling runs:
+One spawn per world size runs every layout of that size, both families and all runs:
   run "strat":   stratified sampling; the schedule crosses EST stages 1, 2 and 3.
   run "unstrat": unstratified sampling with p_L = 0.25 (one layer of four kept), so every stage but one has all
                  its layers skipped in the first steps, then p_L = 0.5, then the full model.
+  run "freeze":  "unstrat" with --est-unsampled-update freeze (the default; the others use adamw): a stage that
+                 skipped every layer has no gradient at all (it used to raise in clipping and hang its peers).
 Forward hooks on the layers record which layers each stage really ran in each step.
 """
 from __future__ import annotations
@@ -34,13 +36,14 @@ RUNS = {
     "strat": dict(schedule="0:0.5,0.5,0.5;2:0.5,0.5,1;4:1,1,1", stratified=True, tp_strata=2, pp_strata=2),
     "unstrat": dict(schedule="0:0.5,0.5,0.25;2:0.5,0.5,0.5;4:1,1,1", stratified=False),
 }
+RUNS["freeze"] = dict(RUNS["unstrat"], unsampled_update="freeze")
 ITERS, GBS, MBS = 5, 4, 1
 # (tp, pp, first-stage layers, last-stage layers, runs) per world size. Uneven stages and PP=4 change the
 # stratified layer strata, so they are compared on the unstratified run only.
 LAYOUTS = {
-    2: [(2, 1, None, None, ("strat", "unstrat")), (1, 2, None, None, ("strat", "unstrat")),
+    2: [(2, 1, None, None, ("strat", "unstrat")), (1, 2, None, None, ("strat", "unstrat", "freeze")),
         (1, 1, None, None, ("strat", "unstrat")), (1, 2, 1, 3, ("unstrat",))],
-    4: [(2, 2, None, None, ("strat", "unstrat")), (1, 4, None, None, ("unstrat",))],
+    4: [(2, 2, None, None, ("strat", "unstrat", "freeze")), (1, 4, None, None, ("unstrat", "freeze"))],
     8: [(2, 2, None, None, ("strat", "unstrat"))],
 }
 
@@ -53,8 +56,7 @@ def _cfg(family: str, run: str, tp: int = 1, pp: int = 1, first=None, last=None)
     # eps keeps such steps proportional to the gradient; a real layout bug still moves weights by ~lr.
     tr = TrainConfig(micro_batch_size=MBS, global_batch_size=GBS, train_iters=ITERS, lr=3e-3, lr_warmup_iters=2,
                      adam_eps=1e-4, log_interval=1, eval_interval=ITERS, eval_iters=1, seed=4)
-    # "adamw" explicitly: "auto" would freeze the one-process reference but not the pipelined runs.
-    est = ESTConfig(**RUNS[run], unsampled_update="adamw")
+    est = ESTConfig(**{"unsampled_update": "adamw", **RUNS[run]})
     return Config(model=tiny(family, num_layers=4), parallel=par, est=est, train=tr)
 
 
@@ -185,6 +187,8 @@ def test_layouts_differ_when_they_should(world_results, reference):
     """The comparison can fail: the stratified and unstratified runs give different losses."""
     assert reference[("gpt2", "strat")]["losses"] != pytest.approx(reference[("gpt2", "unstrat")]["losses"],
                                                                    rel=1e-3)
+    ref_freeze, ref_adamw = reference[("gpt2", "freeze")]["params"], reference[("gpt2", "unstrat")]["params"]
+    assert any(not torch.equal(ref_freeze[n][0], ref_adamw[n][0]) for n in ref_freeze)
 
 
 @pytest.mark.parametrize("pp,first,last", [(2, None, None), (4, None, None), (3, 2, 2)])
