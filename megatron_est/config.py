@@ -91,8 +91,8 @@ class ESTConfig:
     seed: Optional[int] = None  # None: the training seed
     # Parameters outside the subnetwork: "freeze" (they and their AdamW moments stay untouched that step) or
     # "adamw" (zero gradient, AdamW moves them by momentum and weight decay); training/unsampled.py. "auto":
-    # freeze, except under --deepspeed or pipeline parallelism (unsampled_update() says why); the study
-    # (docs/reproduction.md) measured freeze 0.08 nats better at equal FLOPs.
+    # freeze, except under --deepspeed (unsampled_update() says why); the study (docs/reproduction.md) measured
+    # freeze 0.07 nats better at equal FLOPs.
     unsampled_update: str = "auto"
     # Training-FLOPs saving to hit (a fraction): the schedule's stage starts are all scaled by one factor to get
     # within half a percentage point of it, for this model and --train-iters (est/fit.py).
@@ -224,12 +224,11 @@ def _require(ok: bool, msg: str) -> None:
 
 
 def unsampled_update(cfg: Config) -> str:
-    """--est-unsampled-update with "auto" resolved: "freeze" on the plain engine without pipeline parallelism,
-    else "adamw" (DeepSpeed's ZeRO steps whole partitions; freeze with PP > 1 hung a TP2xPP2 test, not yet
-    understood)."""
+    """--est-unsampled-update with "auto" resolved: "freeze" on the plain engine in every layout, "adamw" under
+    --deepspeed (ZeRO steps whole flat partitions; freeze there is not built yet)."""
     if cfg.est.unsampled_update != "auto":
         return cfg.est.unsampled_update
-    return "adamw" if cfg.engine.deepspeed or cfg.parallel.pipeline_model_parallel_size > 1 else "freeze"
+    return "adamw" if cfg.engine.deepspeed else "freeze"
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -274,8 +273,6 @@ def validate(cfg: Config, world_size: int) -> None:
              f"--est-unsampled-update: unknown value {est.unsampled_update!r} (auto, adamw or freeze)")
     _require(est.unsampled_update != "freeze" or not cfg.engine.deepspeed,
              "--est-unsampled-update freeze is not supported with --deepspeed (ZeRO owns the optimizer state)")
-    _require(est.unsampled_update != "freeze" or pp == 1,
-             "--est-unsampled-update freeze is not supported with --pipeline-model-parallel-size > 1 yet")
     _validate_engine(cfg, tp, pp, dp)
     from megatron_est.est.schedule import parse_schedule  # local: schedule.py imports ConfigError from here
 
