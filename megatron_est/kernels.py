@@ -48,10 +48,13 @@ def tf32_wanted(flag: bool, capability: Optional[tuple[int, int]]) -> bool:
     return bool(flag) and capability is not None and capability[0] >= 8
 
 
+def device_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def configure_tf32(flag: bool, device: torch.device) -> bool:
     """Set TF32 for this process (both ways: cuDNN's default is on) and return whether it is on."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    on = tf32_wanted(flag, capability)
+    on = tf32_wanted(flag, device_capability(device))
     # The legacy switches rather than torch's fp32_precision: once both APIs are used, reading allow_tf32 raises,
     # and DeepSpeed and user code read the legacy ones. torch.get_float32_matmul_precision() follows them.
     torch.backends.cuda.matmul.allow_tf32 = on
@@ -62,6 +65,8 @@ def configure_tf32(flag: bool, device: torch.device) -> bool:
 def configure_kernels(ecfg, device: torch.device, optimizer) -> str:
     """Set TF32 for the run; one header line saying which kernels it uses (optimizer None: DeepSpeed's)."""
     tf32 = configure_tf32(ecfg.tf32, device)
+    cap = device_capability(device)
+    why = "--no-tf32" if not ecfg.tf32 else "no GPU" if cap is None else f"compute capability {cap[0]}.{cap[1]}"
     norms = "apex fused" if ecfg.use_apex and device.type == "cuda" and apex_norms() is not None else "torch"
     opt = "DeepSpeed's" if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-    return f"> kernels: TF32 matmuls {'on' if tf32 else 'off'} | norms: {norms} | optimizer: {opt}"
+    return f"> kernels: TF32 matmuls {'on' if tf32 else 'off'} ({why}) | norms: {norms} | optimizer: {opt}"

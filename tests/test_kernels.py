@@ -85,6 +85,9 @@ def test_tf32_flag_and_cpu_setting():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.get_float32_matmul_precision() == "highest"
         line = kernels.configure_kernels(parse_args([], "", "gpt2-tiny").engine, torch.device("cpu"), None)
-        assert line == "> kernels: TF32 matmuls off | norms: torch | optimizer: DeepSpeed's"
+        assert line == "> kernels: TF32 matmuls off (no GPU) | norms: torch | optimizer: DeepSpeed's"
+        line = kernels.configure_kernels(parse_args(["--no-tf32"], "", "gpt2-tiny").engine, torch.device("cpu"),
+                                         torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]))
+        assert line == "> kernels: TF32 matmuls off (--no-tf32) | norms: torch | optimizer: torch.optim.adamw.AdamW"
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

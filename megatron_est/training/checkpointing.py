@@ -12,9 +12,10 @@ Under the DeepSpeed engine iter_XXXXXXX/ holds DeepSpeed's own files (engine.sav
 iter_XXXXXXX) plus our est_state_mp_rank_XX[_YYY].pt, and a DeepSpeed `latest` file is kept beside ours.
 
 Each shard holds the model, the optimizer, the LR schedule, the iteration and consumed samples, the data
-position, the fp16 loss scaler, and every rank's RNG streams (python, numpy, torch, CUDA) gathered over the
-data-parallel group. The EST subnetwork of a step is a pure function of (seed, iteration), so restoring the
-iteration restores the EST schedule.
+position, the fp16 loss scaler, and every rank's RNG streams (python, numpy, torch, the CUDA device in use)
+gathered over the data-parallel group; the optimizer state is in torch AdamW's layout whichever AdamW ran.
+The EST subnetwork of a step is a pure function of (seed, iteration), so restoring the iteration restores the
+EST schedule.
 
 Atomicity: every save goes to a hidden temporary directory that is renamed into place once all ranks have
 written; the latest pointer is replaced (write, fsync, rename) only after that. A process killed at any moment
