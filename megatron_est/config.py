@@ -90,7 +90,7 @@ class ESTConfig:
     pp_strata: Optional[int] = None
     seed: Optional[int] = None  # None: the training seed
     # Parameters outside the subnetwork: "freeze" (they and their AdamW moments stay untouched that step) or
-    # "adamw" (zero gradient, AdamW moves them by momentum and weight decay); training/unsampled.py. "auto":
+    # "adamw" (zero gradient, AdamW moves them by momentum and weight decay); est/unsampled.py. "auto":
     # freeze, except under --deepspeed (unsampled_update() says why); the study (docs/reproduction.md) measured
     # freeze 0.07 nats better at equal FLOPs.
     unsampled_update: str = "auto"

@@ -9,7 +9,6 @@ from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches, RandomTokens
 from megatron_est.training.loop import train_step
 from megatron_est.training.optimizer import build_optimizer
-from megatron_est.training.unsampled import kept_slices
 from tests.helpers import tiny
 
 
@@ -43,7 +42,7 @@ def test_freeze_leaves_unsampled_untouched(family):
             for p in layer.parameters():
                 assert torch.equal(p, before[p][0])
                 assert all(torch.equal(opt.state[p][k], v) for k, v in before[p][1].items())
-    slices = kept_slices(model, model.make_plan(sub))
+    slices = model.trained_slices(model.make_plan(sub))
     assert len(slices) >= 2 * len(sub.layers)
     for p, dim, kept in slices:
         drop = torch.ones(p.shape[dim], dtype=torch.bool)
@@ -57,13 +56,29 @@ def test_freeze_leaves_unsampled_untouched(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_freeze_moves_exactly_what_the_gradient_reaches(family):
+    """An oracle independent of LanguageModel.trained_slices: under freeze an element changes if and only if
+    the step's gradient (autograd through the sliced forward) reached it; AdamW would also move the others.
+    Layer weight matrices only: embedding rows of absent tokens are not EST's (AdamW moves them in both modes),
+    and a key bias has an exactly-zero gradient in exact arithmetic (softmax ignores a shift of all scores)."""
+    model, _, sub, before = _two_steps(family, "freeze")
+    checked = 0
+    for p in (p for layer in model.decoder.layers for p in layer.parameters() if p.ndim == 2):
+        reached = torch.zeros_like(p, dtype=torch.bool) if p.grad is None else p.grad != 0
+        changed = p.detach() != before[p][0]
+        assert torch.equal(changed, reached)
+        checked += int((~reached).any() and reached.any())  # a weight sliced this step
+    assert checked >= 2 * len(sub.layers)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_adamw_mode_moves_unsampled_parameters(family):
     """The control: without freezing, momentum and weight decay move what was not sampled."""
     model, opt, sub, before = _two_steps(family, "adamw")
     skipped = [i for i in range(len(model.decoder.layers)) if i not in sub.layers]
     p = model.decoder.layers[skipped[0]].mlp.fc2.weight
     assert not torch.equal(p, before[p][0])
-    for p, dim, kept in kept_slices(model, model.make_plan(sub)):
+    for p, dim, kept in model.trained_slices(model.make_plan(sub)):
         drop = torch.ones(p.shape[dim], dtype=torch.bool)
         drop[kept] = False
         assert not torch.equal(_rows(p, dim, drop.nonzero().squeeze(1)), _rows(before[p][0], dim, drop.nonzero().squeeze(1)))

@@ -52,6 +52,16 @@ class Attention(nn.Module):
         return AttnPlan(rows, unit_rows(local, self.d), len(local), len(groups), kv_map,
                         self.n_heads / len(kept))
 
+    def trained_slices(self, plan: Optional[AttnPlan]) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(weight, dim, local indices) of what a step on this plan computes: the kept heads' QKV rows and
+        output-projection columns. None (all heads): nothing is sliced."""
+        if plan is None:
+            return []
+        out = [(self.qkv.weight, 0, plan.qkv_rows), (self.proj.weight, 1, plan.proj_cols)]
+        if self.qkv.bias is not None:
+            out.append((self.qkv.bias, 0, plan.qkv_rows))
+        return out
+
     def forward(self, x: torch.Tensor, plan: Optional[AttnPlan],
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         b, s, _ = x.shape

@@ -75,6 +75,22 @@ class LanguageModel(nn.Module):
         plan = ModelPlan(plans, sub.layer_scale)
         return plan if device is None or device.type == "cpu" else _to_device(plan, device)
 
+    def trained_slices(self, plan: Optional[ModelPlan]) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(weight, dim, local indices) for every weight of this stage that the plan slices: the rows or columns
+        a step on the plan trains. Weights not listed train whole (or, in skipped layers, not at all)."""
+        if plan is None:
+            return []
+        layers, first = self.decoder.layers, self.decoder.first
+        return [s for i, lp in plan.layers.items() for s in layers[i - first].trained_slices(lp)]
+
+    def skipped_parameters(self, sub: Optional[Subnetwork]) -> list[nn.Parameter]:
+        """Parameters of this stage's layers that the subnetwork does not run (they get no gradient)."""
+        if sub is None or sub.is_full:
+            return []
+        kept, first = set(sub.layers), self.decoder.first
+        return [p for offset, layer in enumerate(self.decoder.layers) if first + offset not in kept
+                for p in layer.parameters()]
+
     # ------------------------------------------------------------------------------------------- forward
     def _rope(self, s: int):
         if self.cfg.position_embedding != "rope":

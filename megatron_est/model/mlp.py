@@ -37,6 +37,18 @@ class MLP(nn.Module):
             return None
         return MLPPlan(local_slice(kept, self.start, self.start + self.local), self.ffn / len(kept))
 
+    def trained_slices(self, plan: Optional[MLPPlan]) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(weight, dim, local indices) of what a step on this plan computes: the kept neurons' input rows
+        (and biases) and output columns. None (all neurons): nothing is sliced."""
+        if plan is None:
+            return []
+        out = []
+        for lin in ((self.gate, self.up) if self.swiglu else (self.fc1,)):
+            out.append((lin.weight, 0, plan.index))
+            if lin.bias is not None:
+                out.append((lin.bias, 0, plan.index))
+        return out + [(self.fc2.weight, 1, plan.index)]
+
     def forward(self, x: torch.Tensor, plan: Optional[MLPPlan]) -> torch.Tensor:
         idx, scale = (None, 1.0) if plan is None else (plan.index, plan.scale)
         if self.swiglu:

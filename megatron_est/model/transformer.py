@@ -26,6 +26,9 @@ class TransformerLayer(nn.Module):
     def make_plan(self, heads: Optional[torch.Tensor], neurons: Optional[torch.Tensor]) -> LayerPlan:
         return LayerPlan(self.attention.make_plan(heads), self.mlp.make_plan(neurons))
 
+    def trained_slices(self, plan: LayerPlan) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        return self.attention.trained_slices(plan.attn) + self.mlp.trained_slices(plan.mlp)
+
     def forward(self, x: torch.Tensor, plan: LayerPlan, rope, branch_scale: float = 1.0) -> torch.Tensor:
         a = self.attention(self.input_norm(x), plan.attn, rope)
         x = x + (a if branch_scale == 1.0 else a * branch_scale)

@@ -1,6 +1,7 @@
 """The training loop: one sampled subnetwork per optimizer step, gradient accumulation over micro-batches."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -8,19 +9,18 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_est.config import Config, unsampled_update
+from megatron_est.config import Config
 from megatron_est.est.flops import step_flops
 from megatron_est.est.sampler import Subnetwork, SubnetworkSampler
+from megatron_est.est.unsampled import unsampled_policy
 from megatron_est.model.language_model import LanguageModel
-from megatron_est.parallel.grads import (grad_norm_and_clip, sync_data_parallel_grads, sync_tied_embedding_grads,
-                                         zero_fill_missing_grads)
+from megatron_est.parallel.grads import grad_norm_and_clip, sync_data_parallel_grads, sync_tied_embedding_grads
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.metrics import MetricsLog, format_train_line
 from megatron_est.training.optimizer import learning_rate, set_lr
 from megatron_est.training.pipeline_schedule import StageTimer, forward_backward
-from megatron_est.training.unsampled import kept_slices, step_frozen
 
 
 @dataclass
@@ -44,26 +44,23 @@ def subnetwork_summary(cfg: Config, sub: Subnetwork) -> dict:
 
 def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, params: list, batches: MicroBatches,
                sub: Subnetwork, cfg: Config, st: ParallelState, step: int,
-               timer: Optional[StageTimer] = None, precision=None) -> tuple[float, float]:
+               timer: Optional[StageTimer] = None, precision=None, policy=None) -> tuple[float, float]:
     """Forward/backward over all micro-batches on the sampled subnetwork (1F1B when pipelined), then sync,
-    clip, and step. Returns the step's mean loss and gradient norm, the same on every rank."""
+    clip, and step. Returns the step's mean loss and gradient norm, the same on every rank. policy: the run's
+    est.unsampled policy (chosen from cfg when not given)."""
+    policy = policy or unsampled_policy(cfg)
     plan = model.make_plan(sub, st.device)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = forward_backward(model, batches, step, plan, st, timer, precision)
     if st.pp > 1:
         sync_tied_embedding_grads(params, st.embd_group)
     sync_data_parallel_grads(params, st.dp_group, st.dp)
-    freeze = unsampled_update(cfg) == "freeze"
-    if not freeze:
-        zero_fill_missing_grads(params)
+    policy.complete_grads(params)
     norm = float("nan")  # an fp16 step skipped for overflow has no gradient norm
     if precision is None or precision.unscale_and_check(params):
         norm = grad_norm_and_clip(params, cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
         set_lr(optimizer, learning_rate(cfg.train, step))
-        if freeze:
-            step_frozen(optimizer, kept_slices(model, plan))
-        else:
-            optimizer.step()
+        policy.step(optimizer, model, plan)
     if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
         dist.all_reduce(loss_sum, group=st.pp_group)
     if st.dp > 1:
@@ -84,6 +81,7 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
     validation split, logged as extra_val_loss[name]."""
     tr, m = cfg.train, cfg.model
     state = state or TrainState()
+    step_fn = step_fn or functools.partial(train_step, policy=unsampled_policy(cfg))  # the policy, chosen once
     log = log or MetricsLog(tr.metrics_file, enabled=st.rank == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     gbs = train_batches.gbs
@@ -95,8 +93,7 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
         step = state.iteration
         t0 = time.perf_counter()
         sub = sampler(step)
-        loss, norm = (step_fn or train_step)(model, optimizer, params, train_batches, sub, cfg, st, step,
-                                             precision=precision)
+        loss, norm = step_fn(model, optimizer, params, train_batches, sub, cfg, st, step, precision=precision)
         step_time = time.perf_counter() - t0
         state.iteration += 1
         flops = step_flops(m, tokens_per_step, sub)
