@@ -5,8 +5,11 @@
     python tools/est_flops.py --model-preset tinyllama-1.1b --est-schedule "0:0.5,0.5,0.5;3000:0.5,0.5,1;6000:1,1,1" \
         --train-iters 10000 --global-batch-size 1024
 
-Takes the training flags (model, batch, EST); counting rule: docs/est.md. Each step's subnetwork is drawn exactly
-as training draws it, so the figure equals the run's logged cumulative saving.
+Takes the training flags (model, batch, EST, parallel layout with --world-size N) and refuses what training
+refuses (config.validate). Counting rule: docs/est.md. Each stage's step FLOPs come in closed form from the keep
+counts training samples with (megatron_est/est/stage_flops.py), so any --train-iters is instant and the figure
+equals the run's logged cumulative saving (an expectation only under --no-est-stratified with grouped queries,
+where the KV heads used vary from step to step: the table marks such stages).
 """
 from __future__ import annotations
 
@@ -16,22 +19,33 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.arguments import parse_args  # noqa: E402
-from megatron_est.config import ConfigError  # noqa: E402
+from megatron_est.config import ConfigError, validate  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
-from megatron_est.est.savings import saving, schedule_flops  # noqa: E402
+from megatron_est.est.savings import saving  # noqa: E402
+from megatron_est.est.stage_flops import closed_form_flops, stage_shape  # noqa: E402
+
+
+def plan_world_size(cfg) -> int:
+    """--world-size, else the smallest world the layout needs (data-parallel size 1)."""
+    par = cfg.parallel
+    world = par.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if world < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world}")
+    return world
 
 
 def main(argv: list[str] | None = None) -> float:
     try:
         cfg = parse_args(argv, __doc__.splitlines()[0], "gpt2-124m")
+        validate(cfg, plan_world_size(cfg))
         sampler = build_sampler(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     tr, m = cfg.train, cfg.model
     gbs = tr.global_batch_size or tr.micro_batch_size
-    stages = schedule_flops(m, sampler, tr.train_iters, gbs * m.seq_length)
+    stages = closed_form_flops(cfg, sampler, tr.train_iters, gbs * m.seq_length)
     print(f"model {m.family} {m.num_layers}L h{m.hidden_size} seq {m.seq_length} vocab {m.padded_vocab_size}; "
           f"schedule {describe_schedule(cfg.est, sampler.schedule)!r}; "
           f"{tr.train_iters} iterations of {gbs * m.seq_length} tokens")
@@ -39,8 +53,9 @@ def main(argv: list[str] | None = None) -> float:
     print("|---|---|---|---|---|")
     for st in stages:
         r = sampler.schedule.stages[st.stage - 1]
+        mark = "" if stage_shape(cfg, sampler, r).exact_kv else " (expected: KV heads used vary per step)"
         print(f"| {st.stage} | {st.iterations} | {st.first} | {r.p_heads:g},{r.p_mlp:g},{r.p_layers:g} | "
-              f"{st.flops / st.full_flops:.4f} |")
+              f"{st.flops / st.full_flops:.4f}{mark} |")
     total = saving(stages)
     print(f"training FLOPs: {sum(s.flops for s in stages):.4e} vs full model "
           f"{sum(s.full_flops for s in stages):.4e}: {100 * total:.2f}% saved")

@@ -72,7 +72,9 @@ class SubnetworkSampler:
         self.model, self.schedule, self.seed = model, schedule, seed
         self.strata, self.stratified, self.layer_rescale = strata, stratified, layer_rescale
 
-    def _head_ranges(self) -> list[tuple[int, int]]:
+    # The ranges each dimension is sampled in (keep_count(p, size) kept in each); est/stage_flops.py counts
+    # a stage's FLOPs from them in closed form.
+    def head_ranges(self) -> list[tuple[int, int]]:
         m = self.model
         if not self.stratified:
             return [(0, m.num_attention_heads)]
@@ -81,9 +83,12 @@ class SubnetworkSampler:
             return [(g * r, (g + 1) * r) for g in range(m.num_query_groups)]
         return list(even_ranges(m.num_attention_heads, self.strata.heads))
 
-    def _neuron_ranges(self) -> list[tuple[int, int]]:
+    def neuron_ranges(self) -> list[tuple[int, int]]:
         parts = self.strata.neurons if self.stratified else 1
         return list(even_ranges(self.model.ffn_hidden_size, parts))
+
+    def layer_ranges(self) -> list[tuple[int, int]]:
+        return list(self.strata.layers) if self.stratified else [(0, self.model.num_layers)]
 
     def __call__(self, iteration: int) -> Subnetwork:
         m = self.model
@@ -94,13 +99,12 @@ class SubnetworkSampler:
                               (None,) * m.num_layers, 1.0)
         g = _generator(self.seed, iteration)
         if rates.p_layers < 1.0:
-            ranges = self.strata.layers if self.stratified else [(0, m.num_layers)]
-            layers = tuple(_sample_strata(g, ranges, rates.p_layers).tolist())
+            layers = tuple(_sample_strata(g, self.layer_ranges(), rates.p_layers).tolist())
         else:
             layers = tuple(range(m.num_layers))
         heads, neurons = [], []
         for _ in range(m.num_layers):  # draw for every layer so a layer's draw does not depend on others
-            heads.append(_sample_strata(g, self._head_ranges(), rates.p_heads) if rates.p_heads < 1 else None)
-            neurons.append(_sample_strata(g, self._neuron_ranges(), rates.p_mlp) if rates.p_mlp < 1 else None)
+            heads.append(_sample_strata(g, self.head_ranges(), rates.p_heads) if rates.p_heads < 1 else None)
+            neurons.append(_sample_strata(g, self.neuron_ranges(), rates.p_mlp) if rates.p_mlp < 1 else None)
         scale = m.num_layers / len(layers) if self.layer_rescale else 1.0
         return Subnetwork(stage_idx, rates, layers, tuple(heads), tuple(neurons), scale)
