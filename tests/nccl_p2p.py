@@ -6,11 +6,13 @@ tens of MB), completes a send only once the peer's receive runs, and a rank runs
 in issue order on a stream; the operations of one batch_isend_irecv group progress together.
 
 `nccl_semantics(store, timeout)` replaces torch.distributed's isend, irecv, P2POp and batch_isend_irecv (the
-names code calls through `dist.`) with a transport that has exactly those rules:
+names code calls through `dist.`; all_reduce and barrier are wrapped, see the last rule) with a transport that
+has exactly those rules:
 - an isend or irecv is a batch of one operation, a batch_isend_irecv one batch of all its operations;
 - the rank runs its batches strictly in issue order, one at a time (one stream for all peers, which is stricter
-  than NCCL's stream per peer pair: what completes here completes there). Work.wait() runs the queue up to its
-  batch; the pipeline waits each exchange as soon as it is issued, which is when a stream would run it;
+  than NCCL's stream per peer pair: a schedule that completes here should complete there). Work.wait() runs
+  the queue up to its batch; the pipeline waits each exchange as soon as it is issued, which is when a stream
+  would run it;
 - within a batch every operation progresses independently: a receive posts a "ready" token to its sender (a
   key in a c10d store); a send goes out only after the receiver's token, as a real gloo isend on the caller's
   group, and then announces itself ("sent"); the receive posts its gloo irecv once it sees that announcement.

@@ -33,7 +33,7 @@ from tests.helpers import free_port, run_distributed
 from tests.nccl_p2p import Deadlock, FirstCollective, nccl_semantics
 
 # Legitimate waits here take milliseconds; the negative control pays NEG_TIMEOUT_S once, when it deadlocks.
-NEG_TIMEOUT_S, TIMEOUT_S = 5.0, 60.0
+NEG_TIMEOUT_S, TIMEOUT_S = 4.0, 60.0
 FAMILY = {2: "llama", 4: "gpt2"}  # pipeline size -> model
 ITERS = 4  # EST stage 1 (layers sampled) for 3 steps, then stage 2
 STEADY = {"send_forward_recv_backward", "send_backward_recv_forward"}
@@ -89,6 +89,7 @@ def _step_zero(cfg: Config, st: ParallelState):
 def _old_exchange_step(cfg: Config, st: ParallelState, store: dist.Store) -> dict:
     """Step 0 with the ungrouped exchange."""
     step = _step_zero(cfg, st)
+    dist.barrier()  # start together: a rank still building its model must not look like a deadlock
     with nccl_semantics(store, NEG_TIMEOUT_S), mock.patch.object(pipeline_schedule, "StageP2P", UngroupedP2P):
         return _outcome(step)
 
