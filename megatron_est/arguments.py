@@ -33,6 +33,9 @@ _HELP = {
                                  "(zero gradient, AdamW moves them) or auto (default: freeze; adamw under --deepspeed)",
     ("est", "tp_strata"): "sampling strata for heads and neurons (default: the TP size)",
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",
+    ("parallel", "distributed_timeout_minutes"): "timeout of every collective, in minutes (default 10, as in "
+                                                 "Megatron); also how long ranks wait for rank 0 to build the data "
+                                                 "indices",
     ("data", "extra_valid_data_path"): "extra validation sets (dataset prefixes, all documents used), each "
                                        "evaluated and logged by name: e.g. a held-out domain",
     ("engine", "tf32"): "TF32 tensor cores for fp32 matmuls and convolutions on GPUs of compute capability >= 8 "

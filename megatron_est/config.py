@@ -77,6 +77,9 @@ class ParallelConfig:
     decoder_first_pipeline_num_layers: Optional[int] = None
     decoder_last_pipeline_num_layers: Optional[int] = None
     distributed_backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
+    # Timeout of every collective (Megatron's flag and default). Ranks waiting for rank 0 to build the data
+    # indices wait this long too, outside any collective (data/builder.py). Raise it for slow checkpoint saves.
+    distributed_timeout_minutes: float = 10.0
     # The plan's number of ranks, for --dry-run and the planning tools (no launcher there); when given to a
     # real run it must equal the launcher's world size.
     world_size: Optional[int] = None
@@ -239,6 +242,7 @@ def validate(cfg: Config, world_size: int) -> None:
     m, par, tr, est = cfg.model, cfg.parallel, cfg.train, cfg.est
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    _require(par.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     _require(par.world_size is None or par.world_size == world_size,
              f"--world-size {par.world_size} disagrees with the launcher's world size {world_size}")
     _require(world_size % (tp * pp) == 0,

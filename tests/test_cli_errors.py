@@ -47,3 +47,19 @@ def test_refusal_through_the_real_script(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: --num-attention-heads 5 is not divisible by --tensor-model-parallel-size 2"]
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_every_rank_says_why_it_refuses(tmp_path):
+    """Under torchrun or srun every rank refuses, and the launcher's summary names one of them: each prints the
+    same line (rank 0 alone used to, and the rank a launcher blamed had printed nothing)."""
+    argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--est-schedule", "fastest"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+                              env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2
+        errs.append(err.strip().splitlines())
+    assert errs[0] == errs[1] and len(errs[0]) == 1, errs
+    assert errs[0][0].startswith("error: --est-schedule: unknown preset 'fastest'")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import secrets
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,10 +15,12 @@ import torch
 
 from .blended_dataset import BlendedDataset, normalize_weights, samples_per_dataset
 from .errors import DataError
-from .gpt_dataset import GPTDataset
-from .indexed_dataset import IndexedDataset
+from .gpt_dataset import GPTDataset, index_fingerprint
+from .indexed_dataset import IndexedDataset, data_file_path, index_file_path
 
 SPLIT_NAMES = ("train", "valid", "test")
+POLL_S = 0.5  # how often waiting ranks look for rank 0's status file
+PROGRESS_S = 60.0  # how often the first waiting rank says it is still waiting
 
 
 def parse_data_path(data_path: Sequence[str | float] | str) -> list[tuple[float, str]]:
@@ -90,6 +97,24 @@ def _build_split(
     return BlendedDataset(parts, part_weights, num_samples)
 
 
+def _check_vocab_once(ds: IndexedDataset, vocab_size: int, cache_dir: str | None) -> None:
+    """Scan the .bin for out-of-vocabulary ids, once per (dataset content, vocabulary size): a marker in the
+    cache remembers a passed scan, which takes minutes for a TinyLlama-sized corpus and would otherwise run
+    again on every start and requeue. The dataset is recognised like the sample-index cache (size, first and
+    last MiB of the .idx and the .bin)."""
+    if cache_dir is None:
+        ds.check_vocab(vocab_size)
+        return
+    content = index_fingerprint(index_file_path(ds.prefix)) + index_fingerprint(data_file_path(ds.prefix))
+    key = hashlib.sha256(content.encode()).hexdigest()[:20]
+    marker = os.path.join(cache_dir, f"{os.path.basename(ds.prefix)}-vocab{vocab_size}-{key}.ok")
+    if os.path.exists(marker):
+        return
+    ds.check_vocab(vocab_size)
+    os.makedirs(cache_dir, exist_ok=True)
+    open(marker, "w").close()  # an empty file: a half-written one means the same
+
+
 def _build_all(
     pairs: list[tuple[float, str]], split: str, seq_length: int, seed: int, num_samples: Sequence[int],
     cache_dir: str | None, vocab_size: int | None, build: bool,
@@ -97,7 +122,7 @@ def _build_all(
     indexed = [IndexedDataset(prefix) for _, prefix in pairs]
     if vocab_size is not None and build:
         for ds in indexed:
-            ds.check_vocab(vocab_size)
+            _check_vocab_once(ds, vocab_size, cache_dir)
     weights = normalize_weights([w for w, _ in pairs])
     fractions = parse_split(split)
     return tuple(
@@ -114,13 +139,15 @@ def build_train_valid_test_datasets(
     num_samples: Sequence[int],
     cache_dir: str | None,
     vocab_size: int | None = None,
+    timeout_s: float = 600.0,
 ) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset | None, torch.utils.data.Dataset | None]:
     """(train, valid, test) map-style datasets of {"tokens": LongTensor[seq_length+1]}.
 
     Each has len() >= its requested number of samples; a split asked for 0 samples is None. With
-    torch.distributed initialised and a cache_dir, this is collective: rank 0 builds the sample indices into
-    cache_dir (which all ranks must share) and the others load them; an error on rank 0 is raised on every
-    rank. vocab_size, if given, refuses token ids outside the vocabulary (one pass over each .bin).
+    torch.distributed initialised and a cache_dir, every rank must call this: rank 0 builds the sample indices
+    into cache_dir (which all ranks must share) and the others load them (_rank0_builds); an error on rank 0
+    is raised on every rank, and the others give up after timeout_s. vocab_size, if given, refuses token ids
+    outside the vocabulary (one pass over each .bin).
     """
     if seq_length < 1:
         raise DataError(f"--seq-length must be positive, got {seq_length}")
@@ -129,18 +156,61 @@ def build_train_valid_test_datasets(
     pairs = parse_data_path(data_path)
     args = (pairs, split, seq_length, seed, num_samples, cache_dir, vocab_size)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or cache_dir is None:
+    if not distributed or cache_dir is None or torch.distributed.get_world_size() == 1:
         return _build_all(*args, build=True)  # no shared cache: each process builds the same indices itself
-    rank0 = torch.distributed.get_rank() == 0
-    result, error, message = None, None, [None]
-    if rank0:
+    return _rank0_builds(args, cache_dir, timeout_s)
+
+
+def _rank0_builds(args: tuple, cache_dir: str, timeout_s: float) -> tuple:
+    """Rank 0 builds (a vocabulary scan and index build of a large corpus can take many minutes) while the
+    others wait for its status file, outside any collective: a collective would hit the NCCL watchdog's
+    timeout. Only two quick collectives remain, which all ranks enter within about a poll interval."""
+    dist = torch.distributed
+    rank = dist.get_rank()
+    token = [secrets.token_hex(8) if rank == 0 else None]  # names this call's status file: no stale ones read
+    dist.broadcast_object_list(token, src=0)
+    status = os.path.join(cache_dir, f".build-{token[0]}.json")
+    if rank == 0:
         try:
             result = _build_all(*args, build=True)
-        except Exception as e:  # every rank must reach the broadcast, or the others wait forever
-            error, message = e, [" ".join(str(e).split()) or type(e).__name__]
-    torch.distributed.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise DataError(f"rank 0 failed to build the datasets: {message[0]}")
-    return result if rank0 else _build_all(*args, build=False)
+        except Exception as e:  # the others must hear of it, or they wait out the whole timeout
+            _write_status(status, e)
+            raise
+        _write_status(status, None)
+    else:
+        _wait_for_status(status, timeout_s, rank == 1)
+        result = _build_all(*args, build=False)
+    dist.barrier()  # everyone has read the status file
+    if rank == 0:
+        os.remove(status)
+    return result
+
+
+def _write_status(path: str, error: Exception | None) -> None:
+    """Rank 0's outcome, written atomically (rename) so a waiting rank never reads half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    msg = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"error": msg, "data_error": isinstance(error, DataError)}, f)
+    os.replace(tmp, path)
+
+
+def _wait_for_status(path: str, timeout_s: float, report: bool) -> None:
+    """Poll for rank 0's status file; raise rank 0's error (the same line for a DataError) or a timeout."""
+    start = last = time.monotonic()
+    while not os.path.exists(path):
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise DataError(f"rank 0 did not finish building the sample indices in {os.path.dirname(path)} "
+                            f"within {timeout_s / 60:g} minutes (--distributed-timeout-minutes)")
+        if report and now - last >= PROGRESS_S:
+            last = now
+            print(f" waiting for rank 0 to build the sample indices in {os.path.dirname(path)}: {now - start:.0f} s "
+                  f"(limit {timeout_s:.0f} s, --distributed-timeout-minutes)", flush=True)
+        time.sleep(POLL_S)
+    with open(path) as f:
+        status = json.load(f)
+    if status["error"] is not None:
+        msg = status["error"]
+        raise DataError(msg if status["data_error"] else f"rank 0 failed to build the datasets: {msg}")

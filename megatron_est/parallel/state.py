@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_est.config import ConfigError
 
+DEFAULT_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default (ParallelConfig's too)
 
 @dataclass
 class ParallelState:
@@ -29,6 +30,8 @@ class ParallelState:
     # two copies (only built when pp > 1).
     embd_group: Optional[dist.ProcessGroup] = None
     device: torch.device = torch.device("cpu")
+    # Timeout of every collective in every group; new_group() would otherwise use torch's default, not ours.
+    timeout: datetime.timedelta = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
 
     @property
     def tp_rank(self) -> int:
@@ -68,6 +71,16 @@ def env_rank_and_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def export_launch_env() -> tuple[int, int, int]:
+    """Write RANK, WORLD_SIZE and LOCAL_RANK as torchrun would (from Slurm's variables without torchrun).
+
+    DeepSpeed's engine reads LOCAL_RANK from the environment and fails without it, so one process per Slurm
+    task (srun, no torchrun) needs it set; torchrun's values are written back unchanged."""
+    rank, world, local_rank = env_rank_and_world()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    return rank, world, local_rank
+
+
 def check_world_factorization(world_size: int, tp: int, pp: int) -> int:
     """Return the data-parallel size, or refuse a world size that does not factor into TP x PP x DP."""
     if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
@@ -81,32 +94,62 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_s: int = 600) -> ParallelState:
-    """Initialise torch.distributed from the environment (if not already) and build the groups."""
-    rank, world, local_rank = env_rank_and_world()
+def _cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU: local rank modulo the visible devices, so a Slurm task bound to one GPU
+    (--gpus-per-task=1, --gpu-bind) uses device 0 and a task that sees the whole node uses GPU LOCAL_RANK."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("--distributed-backend nccl: no GPU is visible to this process "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    index = local_rank % count
+    torch.cuda.set_device(index)
+    # DeepSpeed takes LOCAL_RANK as the CUDA device index (engine.set_device, ZeRO-3's local device).
+    os.environ["LOCAL_RANK"] = str(index)
+    return torch.device("cuda", index)
+
+
+def _init_default_group(backend: str, rank: int, world: int, timeout: datetime.timedelta) -> None:
+    env = os.environ
+    if world > 1 and "MASTER_ADDR" not in env and int(env.get("SLURM_NNODES", "1")) > 1:
+        raise ConfigError("MASTER_ADDR is not set: one process per Slurm task on several nodes needs the first "
+                          "node's address (export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST "
+                          "| head -n1))")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if world == 1 and "MASTER_PORT" not in env:
+        # One process (e.g. DeepSpeed on one GPU): a store on a port the OS picks, so two such runs on one
+        # machine never collide; MASTER_PORT tells anything that reads it.
+        store = dist.TCPStore(env["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+        env["MASTER_PORT"] = str(store.port)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        return
+    env.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+
+
+def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
+               timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, single_process_group: bool = False) -> ParallelState:
+    """Initialise torch.distributed from the environment (if not already) and build the groups.
+
+    With one process no group is created unless single_process_group (DeepSpeed needs one)."""
+    rank, world, local_rank = export_launch_env()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     dp = check_world_factorization(world, tp, pp)
     backend = backend or _default_backend()
-    device = torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    if world == 1 and not dist.is_initialized():
-        return ParallelState(device=device)
+    device = _cuda_device(local_rank) if backend == "nccl" else torch.device("cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if world == 1 and not dist.is_initialized() and not single_process_group:
+        return ParallelState(device=device, timeout=timeout)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return build_groups(ParallelState(world, rank, tp, pp, dp, device=device))
+        _init_default_group(backend, rank, world, timeout)
+    return build_groups(ParallelState(world, rank, tp, pp, dp, device=device, timeout=timeout))
 
 
 def _own_group(st: ParallelState, rank_lists: list[list[int]]) -> Optional[dist.ProcessGroup]:
     """Create a group for every rank list (collective: all ranks, same order); return the one holding us."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=st.timeout)
         if st.rank in ranks:
             mine = group
     return mine
@@ -129,6 +172,22 @@ def build_groups(st: ParallelState) -> ParallelState:
 
 
 def destroy() -> None:
+    """Clean end of a run: wait for every rank, then tear the groups down."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort() -> None:
+    """End after an error, without a barrier (a peer may never reach it): tear the groups down at once. Peers
+    blocked in a gloo collective with this rank then fail with "Connection closed by peer" within a second;
+    under NCCL the launcher (torchrun, srun --kill-on-bad-exit) stops them when this process exits."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+            dist.distributed_c10d._abort_process_group()  # ncclCommAbort: does not wait for pending kernels
+        else:
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 (already failing: the original error is what gets reported)
+        pass

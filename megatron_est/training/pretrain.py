@@ -4,12 +4,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Optional
+import traceback
+from typing import NoReturn, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_est.arguments import parse_args
 from megatron_est.config import Config, ConfigError, unsampled_update, validate
+from megatron_est.data.errors import DataError
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.kernels import configure_kernels
@@ -24,17 +27,37 @@ from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
 
 
-def fail(msg: str) -> None:
-    """One clear line on stderr (once, from rank 0) and a non-zero exit."""
-    if pstate.env_rank_and_world()[0] == 0:  # torchrun (RANK) or one process per Slurm task (SLURM_PROCID)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+def fail(msg: str) -> NoReturn:
+    """One clear line on stderr and exit status 2. Every rank prints it (they all refuse the same input), so
+    whichever rank torchrun's or srun's summary names has said why."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+# How gloo reports a peer that died or closed its connections (NCCL raises a DistError subclass instead).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def crash(e: Exception) -> NoReturn:
+    """Exit status 1 after an unexpected error, ending with one line that names this rank and the cause.
+
+    A rank whose collective failed because a peer went away prints only that line (the peer's own error is the
+    one to read); any other error gets its traceback first."""
+    rank = pstate.env_rank_and_world()[0]
+    text = str(e).strip().splitlines()
+    cause = f"{type(e).__name__}: {text[0] if text else ''}"
+    if isinstance(e, dist.DistError) or any(s in str(e) for s in _PEER_GONE):
+        msg = f"rank {rank}: a collective failed; another rank failed, was killed or is stuck first ({cause})"
+    else:
+        traceback.print_exception(e)
+        msg = f"rank {rank}: {cause}"
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def build_data(cfg: Config, st: pstate.ParallelState):
     """Tokenizer plus train/valid datasets; the bundled Shakespeare corpus when --data-path is not given."""
     from megatron_est.data import builder, default_corpus, tokenizers
-    from megatron_est.data.errors import DataError
 
     d, tr = cfg.data, cfg.train
     data_path, tok_model = d.data_path, d.tokenizer_model
@@ -45,8 +68,10 @@ def build_data(cfg: Config, st: pstate.ParallelState):
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     n_samples = (tr.train_iters * gbs, tr.eval_iters * gbs, 0)
     index_dir = os.path.join(d.cache_dir, "index")
+    wait_s = cfg.parallel.distributed_timeout_minutes * 60  # how long the other ranks wait for rank 0's build
     train_ds, valid_ds, _ = builder.build_train_valid_test_datasets(
-        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, index_dir, vocab_size=tok.vocab_size)
+        data_path, d.split, cfg.model.seq_length, tr.seed, n_samples, index_dir, vocab_size=tok.vocab_size,
+        timeout_s=wait_s)
     extra = {}  # name -> dataset of all documents of that prefix
     for prefix in d.extra_valid_data_path:
         name = extra_valid_name(prefix)
@@ -54,7 +79,7 @@ def build_data(cfg: Config, st: pstate.ParallelState):
             raise DataError(f"--extra-valid-data-path: two prefixes share the name {name!r}; rename one")
         extra[name] = builder.build_train_valid_test_datasets(
             prefix, "0,1,0", cfg.model.seq_length, tr.seed, (0, n_samples[1], 0), index_dir,
-            vocab_size=tok.vocab_size)[1]
+            vocab_size=tok.vocab_size, timeout_s=wait_s)[1]
     return tok, train_ds, valid_ds, extra
 
 
@@ -121,8 +146,6 @@ def _summary(state: TrainState, log: MetricsLog) -> None:
 
 def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
          description: str = "Pretrain a language model with Evolving Subnetwork Training") -> TrainState:
-    from megatron_est.data.errors import DataError
-
     try:
         cfg = parse_args(argv, description, default_preset)
         _, world, _ = pstate.env_rank_and_world()
@@ -133,11 +156,19 @@ def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
-    st = pstate.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                           cfg.parallel.distributed_backend)
+    par = cfg.parallel
     try:
-        return run(cfg, st)
-    except (ConfigError, DataError) as e:
-        fail(str(e))
-    finally:
-        pstate.destroy()
+        st = pstate.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                               par.distributed_backend, par.distributed_timeout_minutes,
+                               single_process_group=cfg.engine.deepspeed)  # DeepSpeed needs a group
+        state = run(cfg, st)
+    except (KeyboardInterrupt, SystemExit):
+        pstate.abort()
+        raise
+    except Exception as e:  # no barrier now: a failed rank's peers must not wait for it (srun, torchrun act)
+        pstate.abort()
+        if isinstance(e, (ConfigError, DataError)):
+            fail(str(e))
+        crash(e)
+    pstate.destroy()
+    return state
