@@ -1,16 +1,20 @@
 """What the optimizer does to parameters outside the step's subnetwork (--est-unsampled-update), as one policy
-object chosen per run.
+object chosen per run, the same algorithm in every engine (plain torch, DeepSpeed ZeRO 0-3) and layout.
 
-"adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay and every parameter's
-step count advances every step (what ZeRO does, so the only mode under --deepspeed).
-"freeze" (the default on the plain engine, via "auto"; config.unsampled_update): they and their AdamW moments
-are left exactly as they were. Skipped layers keep grad None, which torch's AdamW skips outright; for sliced
-weights (the model says which: LanguageModel.trained_slices) the unsampled rows/columns and their exp_avg /
-exp_avg_sq are saved before optimizer.step() and written back after. Caveat: AdamW's step count (bias
-correction) is per tensor, so it still advances for a tensor of which only some rows trained.
+"adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay.
+"freeze" (the default, via "auto"; config.unsampled_update): they and their AdamW moments are left exactly as
+they were. Every element takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, and the
+elements the step's plan did not train (the model says which: LanguageModel.trained_slices and
+skipped_parameters) get their value and moments written back right after the optimizer's update. Done on the
+optimizer's own copy (a ZeRO flat fp32 partition, or the parameter itself), so bf16/fp16 weights follow.
+Step counts: AdamW's bias correction uses one step count per tensor (per flat partition under ZeRO), which
+advances every step for every element, trained or not: 1 - beta**t with the global step t. This is our documented
+equivalent of per-element step counts; the two differ only while beta2**t is not negligible (about the first
+100 steps at beta2 = 0.95), when a frozen element's moments are still mostly their zero start.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,8 +23,73 @@ from megatron_est.config import Config, unsampled_update
 from megatron_est.model.plan import ModelPlan
 from megatron_est.parallel.grads import zero_fill_missing_grads
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-Slices = list[tuple[torch.nn.Parameter, int, torch.Tensor]]
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def frozen_masks(model, plan: Optional[ModelPlan]) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """For every parameter of this stage that the plan does not train in full: a bool mask, broadcastable to the
+    parameter, True where an element is outside the subnetwork (all of a skipped layer; the unsampled rows or
+    columns of a sliced weight)."""
+    if plan is None:
+        return {}
+    masks = {p: torch.ones((1,) * p.ndim, dtype=torch.bool, device=p.device) for p in model.skipped_parameters(plan)}
+    for p, dim, kept in model.trained_slices(plan):
+        m = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device)
+        m[kept] = False
+        shape = [1] * p.ndim
+        shape[dim] = -1
+        masks[p] = m.view(shape)
+    return masks
+
+
+@dataclass
+class Fragment:
+    """Where an optimizer keeps (part of) one parameter: `tensor` is the tensor it steps (the parameter itself, or
+    a flat partition holding the parameter's elements at `region` = (offset, numel)), `state` its optimizer.state."""
+    tensor: torch.Tensor
+    state: dict
+    mask: torch.Tensor  # frozen elements, broadcastable to the viewed region
+    region: Optional[tuple[int, int]] = None
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.region is None else t.narrow(0, *self.region)
+
+    def moments(self) -> list[torch.Tensor]:
+        st = self.state.get(self.tensor, {})
+        return [self.view(st[k]) for k in _MOMENTS if k in st]
+
+
+class Hold:
+    """The frozen elements of one step: saved at construction (before the optimizer step), written back by
+    restore() (after it). restore() may run several times (ZeRO steps one parameter group at a time)."""
+
+    @torch.no_grad()
+    def __init__(self, fragments: list[Fragment]):
+        self.fragments = fragments
+        self.saved = [(self._select(f.view(f.tensor), f.mask), [self._select(m, f.mask) for m in f.moments()])
+                      for f in fragments]
+
+    @staticmethod
+    def _select(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return t.masked_select(mask.to(t.device))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for f, (value, moments) in zip(self.fragments, self.saved):
+            mask = f.mask.to(f.tensor.device)
+            f.view(f.tensor).masked_scatter_(mask, value)
+            now = f.moments()
+            if moments:
+                for m, old in zip(now, moments):
+                    m.masked_scatter_(mask, old)
+            else:  # the first step created the moments: the frozen elements keep their zero start
+                for m in now:
+                    m.masked_fill_(mask, 0.0)
+
+
+def torch_fragments(optimizer: torch.optim.Optimizer, masks: dict) -> list[Fragment]:
+    """Fragments for an optimizer that steps the parameters themselves (plain engine, DeepSpeed without ZeRO)."""
+    return [Fragment(p, optimizer.state, m) for p, m in masks.items()]
 
 
 class AdamWUpdate:
@@ -40,38 +109,14 @@ class FreezeUpdate:
     name = "freeze"
 
     def complete_grads(self, params: list[torch.nn.Parameter]) -> None:
-        pass  # skipped layers keep grad None: AdamW skips them and the DP all-reduce never sends them
+        zero_fill_missing_grads(params)  # every element steps (and counts the step); frozen ones are restored
 
     def step(self, optimizer: torch.optim.Optimizer, model, plan: Optional[ModelPlan]) -> None:
-        step_frozen(optimizer, model.trained_slices(plan))
+        hold = Hold(torch_fragments(optimizer, frozen_masks(model, plan)))
+        optimizer.step()
+        hold.restore()
 
 
 def unsampled_policy(cfg: Config):
     """The run's policy: FreezeUpdate or AdamWUpdate, from --est-unsampled-update ("auto" resolved)."""
     return FreezeUpdate() if unsampled_update(cfg) == "freeze" else AdamWUpdate()
-
-
-def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool, device=kept.device)
-    mask[kept] = False
-    return mask.nonzero().squeeze(1)
-
-
-@torch.no_grad()
-def step_frozen(optimizer: torch.optim.Optimizer, slices: Slices) -> None:
-    """optimizer.step() that leaves the unsampled rows/columns of sliced weights and their moments untouched."""
-    saved = []
-    for p, dim, kept in slices:
-        drop = _complement(kept, p.shape[dim])
-        state = optimizer.state.get(p, {})
-        moments = {k: state[k].index_select(dim, drop) for k in _MOMENTS if k in state}
-        saved.append((p, dim, drop, p.index_select(dim, drop), moments))
-    optimizer.step()
-    for p, dim, drop, values, moments in saved:
-        p.index_copy_(dim, drop, values)
-        state = optimizer.state[p]
-        for k in _MOMENTS:
-            if k in moments:
-                state[k].index_copy_(dim, drop, moments[k])
-            elif k in state:  # first step of this tensor: its unsampled rows keep the initial zero moments
-                state[k].index_fill_(dim, drop, 0.0)

@@ -83,12 +83,12 @@ class LanguageModel(nn.Module):
         layers, first = self.decoder.layers, self.decoder.first
         return [s for i, lp in plan.layers.items() for s in layers[i - first].trained_slices(lp)]
 
-    def skipped_parameters(self, sub: Optional[Subnetwork]) -> list[nn.Parameter]:
-        """Parameters of this stage's layers that the subnetwork does not run (they get no gradient)."""
-        if sub is None or sub.is_full:
+    def skipped_parameters(self, plan: Optional[ModelPlan]) -> list[nn.Parameter]:
+        """Parameters of this stage's layers that the plan does not run (they get no gradient)."""
+        if plan is None:
             return []
-        kept, first = set(sub.layers), self.decoder.first
-        return [p for offset, layer in enumerate(self.decoder.layers) if first + offset not in kept
+        first = self.decoder.first
+        return [p for offset, layer in enumerate(self.decoder.layers) if first + offset not in plan.layers
                 for p in layer.parameters()]
 
     # ------------------------------------------------------------------------------------------- forward
