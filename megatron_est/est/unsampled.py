@@ -26,17 +26,23 @@ from megatron_est.parallel.grads import zero_fill_missing_grads
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def full_shape(p: torch.nn.Parameter) -> torch.Size:
+    """The parameter's shape, also where ZeRO-3 has emptied p.data between uses (it keeps the shape in ds_shape)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def frozen_masks(model, plan: Optional[ModelPlan]) -> dict[torch.nn.Parameter, torch.Tensor]:
     """For every parameter of this stage that the plan does not train in full: a bool mask, broadcastable to the
     parameter, True where an element is outside the subnetwork (all of a skipped layer; the unsampled rows or
     columns of a sliced weight)."""
     if plan is None:
         return {}
-    masks = {p: torch.ones((1,) * p.ndim, dtype=torch.bool, device=p.device) for p in model.skipped_parameters(plan)}
+    masks = {p: torch.ones((1,) * len(full_shape(p)), dtype=torch.bool, device=p.device)
+             for p in model.skipped_parameters(plan)}
     for p, dim, kept in model.trained_slices(plan):
-        m = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device)
+        m = torch.ones(full_shape(p)[dim], dtype=torch.bool, device=p.device)
         m[kept] = False
-        shape = [1] * p.ndim
+        shape = [1] * len(full_shape(p))
         shape[dim] = -1
         masks[p] = m.view(shape)
     return masks
