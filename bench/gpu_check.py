@@ -39,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run on CPU at minimal sizes; GPU-only checks skip (also GPU_CHECK_FORCE_CPU=1)")
     ap.add_argument("--out", default=_default_out(), help="markdown results ($GPU_CHECK_OUT, $OUT/gpu_check.md, "
                                                           "else /tmp/gpu_check.md)")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 480)),
-                    help="total time budget; checks that would start after it are skipped (default 480)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="total time budget; checks that would start after it are skipped "
+                         "($GPU_CHECK_BUDGET_S, default 480, 1200 with --cpu-smoke: shared CPUs are slow)")
     ap.add_argument("--work-root", default=os.environ.get("GPU_CHECK_WORK_ROOT", "/tmp"),
                     help="a fresh scratch folder gpu_check_* (corpus, runs, logs) is made under it")
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)  # internal: the child's scratch folder
@@ -48,7 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--list", action="store_true", help="list the checks and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one check in this process
     ap.add_argument("--deadline-s", type=float, default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = float(os.environ.get("GPU_CHECK_BUDGET_S", 1200 if args.cpu_smoke else 480))
+    return args
 
 
 def run_check(args, name: str, timeout: float) -> tuple[str, str]:

@@ -112,11 +112,22 @@ def corpus(ctx: Ctx) -> list[str]:
             "--tokenizer-model", model, "--split", "95,5,0", "--data-cache-dir", os.path.join(ctx.work, "cache")]
 
 
-def supports_flag(flag: str) -> bool:
-    """Whether the entry point knows a flag (--no-tf32 arrives with another change)."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--help"], cwd=ROOT,
-                       capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    return flag in p.stdout
+def supports_flag(ctx: Ctx, flag: str) -> bool:
+    """Whether the entry point knows a flag (its --help, read once per session: each read imports torch)."""
+    path = os.path.join(ctx.work, "pretrain_help.txt")
+    if not os.path.isfile(path):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--help"], cwd=ROOT,
+                           capture_output=True, text=True, env=child_env(ctx, cpu=True))
+        with open(path, "w") as f:
+            f.write(p.stdout)
+    return flag in open(path).read()
+
+
+def kernels_line(ctx: Ctx, name: str) -> str:
+    """The run's "> kernels:" header (TF32, apex or torch norms, optimizer), from its log."""
+    path = os.path.join(ctx.work, f"{name}.log")
+    lines = [ln for ln in open(path).read().splitlines() if ln.startswith("> kernels:")] if os.path.isfile(path) else []
+    return lines[0][len("> kernels: "):] if lines else "no kernels line"
 
 
 def train(ctx: Ctx, family: str, name: str, extra: list[str], cpu: bool = False, nproc: int = 0,

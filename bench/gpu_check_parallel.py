@@ -39,4 +39,17 @@ def layout_vs_pp1(ctx: Ctx, name: str):
     par = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     ls = check_curve(train(ctx, "gpt2", f"gpt2_big_{name}", _flags(ctx) + par, nproc=n), name)
     d, tol = max_diff(ls, ref), 5 * fp32_tol(ctx)
-    return ("pass" if d <= tol else "fail"), f"curve max diff to PP 1 {d:.1e} (tol {tol:.0e}); losses {fmt(ls)}"
+    return ("pass" if d <= tol else "fail"), (f"{_sizes(ctx)}; curve max diff to PP 1 {d:.1e} (tol {tol:.0e}); "
+                                              f"losses {fmt(ls)}")
+
+
+def _sizes(ctx: Ctx) -> str:
+    """Bytes of one exchanged fp32 activation and micro-batches per step, from the flags actually used."""
+    flags = _flags(ctx)
+
+    def val(name: str, default: int) -> int:  # these flags override the tiny-run sizes (argparse: last wins)
+        return int(flags[flags.index(name) + 1]) if name in flags else default
+
+    mbs, gbs = val("--micro-batch-size", 0), val("--global-batch-size", 0)
+    seq, hidden = val("--seq-length", 64), val("--hidden-size", 256)  # smoke: gpt2-tiny at sequence 64
+    return f"{mbs * seq * hidden * 4 / 2**20:.2f} MiB per exchange, {gbs // mbs} micro-batches"

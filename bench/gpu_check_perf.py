@@ -74,7 +74,9 @@ def est_step_perf(ctx: Ctx, preset: str):
     n_tok = tokens.shape[0] * cfg.seq_length
     full = step_flops(cfg, n_tok)
     t_full = median(times["full"])
-    parts = [f"seq {cfg.seq_length} x mbs {tokens.shape[0]}, full step {t_full * 1e3:.1f} ms"]
+    n_params = sum(p.numel() for p in params) / 1e6
+    parts = [f"{SMOKE_PRESET[preset] if ctx.smoke else preset} ({n_params:.0f}M), seq {cfg.seq_length} x mbs "
+             f"{tokens.shape[0]}, full step {t_full * 1e3:.1f} ms"]
     if not ctx.smoke:
         parts.append(f"MFU {full / (t_full * peak_flops()):.1%} of {peak_flops() / 1e12:.0f} TFLOP/s bf16")
         parts.append(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

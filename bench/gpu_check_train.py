@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
-from bench.gpu_check_lib import (ROOT, CheckError, Ctx, check_curve, fmt, losses, max_diff, run_cmd,
-                                 supports_flag, train)
+from bench.gpu_check_lib import (ROOT, CheckError, Ctx, check_curve, fmt, kernels_line, losses, max_diff,
+                                 run_cmd, supports_flag, train)
 
 # Tolerances. fp32 with TF32 off differs between CPU and GPU kernels only by summation order (~1e-6 relative);
 # with TF32 on, matmuls keep 10 mantissa bits. bf16 keeps 8 bits: a few hundredths of a nat after 9 steps.
@@ -18,7 +18,7 @@ FP32_TOL, TF32_TOL, HALF_FIRST_TOL, HALF_CURVE_TOL = 2e-4, 2e-2, 0.05, 0.15
 
 def fp32_flags(ctx: Ctx) -> list[str]:
     """TF32 off on the GPU side, when the entry point has the flag, so fp32 means fp32 there."""
-    return ["--no-tf32"] if ctx.gpu and supports_flag("--no-tf32") else []
+    return ["--no-tf32"] if ctx.gpu and supports_flag(ctx, "--no-tf32") else []
 
 
 def fp32_tol(ctx: Ctx) -> float:
@@ -36,18 +36,21 @@ def fp32_vs_cpu(ctx: Ctx, family: str):
     d0, tol = abs(cpu[0] - dev[0]), fp32_tol(ctx)
     detail = (f"first loss {dev[0]:.6f} vs CPU {cpu[0]:.6f} (diff {d0:.1e}, tol {tol:.0e}"
               f"{'' if fp32_flags(ctx) or ctx.smoke else ', no --no-tf32 flag'}); "
-              f"curve max diff {max_diff(cpu, dev):.1e}; losses {fmt(dev)}")
+              f"curve max diff {max_diff(cpu, dev):.1e}; losses {fmt(dev)}; {kernels_line(ctx, f'{family}_fp32')}")
     return ("pass" if d0 <= tol else "fail"), detail
 
 
 def half(ctx: Ctx, family: str, flag: str, name: str, extra: tuple = ()):
     """bf16 / fp16 (plain engine or DeepSpeed): finite, falling, close to the fp32 run."""
     ref = baseline(ctx, family)
-    ls = check_curve(train(ctx, family, name, [flag, *extra]), name)
+    recs = train(ctx, family, name, [flag, *extra])
+    ls = check_curve(recs, name)
     d0, dc = abs(ls[0] - ref[0]), max_diff(ls, ref)
     ok = d0 <= HALF_FIRST_TOL and dc <= HALF_CURVE_TOL
+    skipped = recs[-1].get("skipped_iterations")  # fp16: steps skipped for gradient overflow
     return ("pass" if ok else "fail"), (f"first loss diff to fp32 {d0:.1e} (tol {HALF_FIRST_TOL}), curve max diff "
-                                        f"{dc:.1e} (tol {HALF_CURVE_TOL}); losses {fmt(ls)}")
+                                        f"{dc:.1e} (tol {HALF_CURVE_TOL}); losses {fmt(ls)}"
+                                        + ("" if skipped is None else f"; overflow-skipped steps {skipped}"))
 
 
 def zero(ctx: Ctx, stage: int, precision: str = "fp32"):
@@ -66,26 +69,26 @@ def zero(ctx: Ctx, stage: int, precision: str = "fp32"):
                                                f"losses {fmt(ls)}")
 
 
-def same_as_baseline(ctx: Ctx, family: str, name: str, flags: list[str], note: str = ""):
+def same_as_baseline(ctx: Ctx, family: str, name: str, flags: list[str]):
     """A run that must reproduce the fp32 curve (recompute, apex off): same math, other kernels/schedule."""
     ref = baseline(ctx, family)
     ls = check_curve(train(ctx, family, name, flags + fp32_flags(ctx)), name)
     d, tol = max_diff(ls, ref), 5 * fp32_tol(ctx)
-    return ("pass" if d <= tol else "fail"), f"{note}curve max diff to fp32 run {d:.1e} (tol {tol:.0e})"
+    return ("pass" if d <= tol else "fail"), f"curve max diff to fp32 run {d:.1e} (tol {tol:.0e})"
 
 
 def apex_importable() -> bool:
-    try:
-        from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001 (ImportError, or a broken build that fails at import)
-        return False
+    """apex with its CUDA extension, as training decides it (megatron_est.kernels)."""
+    from megatron_est.kernels import apex_norms
+
+    return apex_norms() is not None
 
 
 def apex_on_off(ctx: Ctx):
     """The fp32 baseline ran with apex's fused norms where importable (the default); this run without."""
-    note = "apex active in the baseline; " if apex_importable() and ctx.gpu else "apex not active: both torch norms; "
-    return same_as_baseline(ctx, "gpt2", "gpt2_noapex", ["--no-use-apex"], note)
+    status, detail = same_as_baseline(ctx, "gpt2", "gpt2_noapex", ["--no-use-apex"])
+    return status, (f"{detail}; default run: {kernels_line(ctx, 'gpt2_fp32')}; --no-use-apex: "
+                    f"{kernels_line(ctx, 'gpt2_noapex')}")
 
 
 def save_resume(ctx: Ctx, family: str = "gpt2"):
