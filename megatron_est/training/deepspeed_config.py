@@ -121,6 +121,8 @@ def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
                             "min_loss_scale": e.min_loss_scale})
         if not torch.cuda.is_available():
             raise ConfigError("--fp16 under --deepspeed needs a GPU (DeepSpeed refuses fp16 on CPU); use --bf16")
+    if pp > 1 and bf16:
+        _refuse_bf16_optimizer(conf, src, pp)
     # Clipping, client optimizer, quiet logging
     if _is_auto(conf.get("gradient_clipping")):
         conf["gradient_clipping"] = tr.clip_grad
@@ -131,6 +133,22 @@ def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
     conf.setdefault("steps_per_print", 10 ** 9)
     conf.setdefault("wall_clock_breakdown", False)
     return conf
+
+
+FP32_NAMES = ("fp32", "float32", "float", "torch.float32")
+
+
+def _refuse_bf16_optimizer(conf: dict, src: str, pp: int) -> None:
+    """bf16 + ZeRO-1 + data_types.grad_accum_dtype fp32 (without offload) selects DeepSpeed's BF16_Optimizer,
+    which folds each backward into its fp32 buffer only from engine.backward or DeepSpeed's own pipeline engine;
+    our stages' tensor.backward(grad) leaves it empty and engine.step() fails ("stack expects a non-empty
+    TensorList"). Refused up front; without the key DeepSpeed accumulates gradients in bf16."""
+    accum = str((conf.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    offload = ((conf.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if accum in FP32_NAMES and offload in ("none", None):
+        raise ConfigError(f"{src}: data_types.grad_accum_dtype {accum} with bf16 and --pipeline-model-parallel-size "
+                          f"{pp} is not supported (DeepSpeed's BF16_Optimizer needs its own pipeline engine); "
+                          "remove the key (gradients then accumulate in bf16)")
 
 
 def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> None:

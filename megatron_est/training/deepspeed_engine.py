@@ -151,7 +151,7 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
         from megatron_est.training import deepspeed_pipeline
 
         gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * st.dp
-        ds_config = deepspeed_pipeline.adapt_config(ds_config, gbs // (cfg.train.micro_batch_size * st.dp))
+        ds_config = deepspeed_pipeline.adapt_config(ds_config, gbs // (cfg.train.micro_batch_size * st.dp), log)
         deepspeed_pipeline.mark_params_for_norm(model, st)
     else:
         for p in model.parameters():  # DeepSpeed's own marker for tensor-parallel shards (gradient norms)

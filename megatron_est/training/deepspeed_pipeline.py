@@ -15,7 +15,7 @@ does not support tensor-level backward in DeepSpeed).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -24,12 +24,25 @@ from megatron_est.parallel.grads import sync_tied_embedding_grads
 from megatron_est.parallel.state import ParallelState
 
 
-def adapt_config(conf: dict, num_micro: int) -> dict:
-    """The DeepSpeed config a pipeline stage's engine runs with (see the module docstring)."""
+def adapt_config(conf: dict, num_micro: int, log=None) -> dict:
+    """The DeepSpeed config a pipeline stage's engine runs with (see the module docstring).
+
+    zero_optimization.overlap_comm is turned off (with one log line): it overlaps the reduction with the
+    backward pass, which needs DeepSpeed to own the accumulation boundary; our stages leave it unmanaged, and
+    DeepSpeed refuses the pair ("supports ZeRO overlap_comm only with ZeRO stage 2"). Gradients are reduced
+    once per step in engine.step() instead, so the knob has nothing to overlap here; the result is the same.
+    """
     conf = dict(conf)
     conf["train_micro_batch_size_per_gpu"] = conf["train_micro_batch_size_per_gpu"] * num_micro
     conf["gradient_accumulation_steps"] = 1
     conf["managed_gradient_accumulation"] = False
+    zero = dict(conf.get("zero_optimization") or {})
+    if zero.get("overlap_comm"):
+        zero["overlap_comm"] = False
+        if log is not None:
+            log.print("> DeepSpeed with pipeline parallelism: zero_optimization.overlap_comm turned off (our "
+                      "1F1B stages reduce gradients once per step, in engine.step(); nothing to overlap)")
+    conf["zero_optimization"] = zero
     return conf
 
 
@@ -45,21 +58,40 @@ def mark_params_for_norm(model: torch.nn.Module, st: ParallelState) -> None:
 
 
 class _LossScale:
-    """fp16 under DeepSpeed: the last stage multiplies its loss by DeepSpeed's current loss scale (what
-    engine.backward would do); the module already runs in half precision, so no autocast."""
+    """DeepSpeed's loss scale in our 1F1B schedule (the precision object training.pipeline_schedule expects).
+
+    DeepSpeed 0.19 unscales every stage's gradients by that stage's optimizer loss scale in engine.step(), and,
+    when the scale is dynamic (fp16), raises in its post-backward hook unless the backward was certified as
+    scaled by engine.scale(). So:
+    - the last stage scales its loss with engine.scale(loss) (a factor 1 under bf16/fp32);
+    - every other stage backpropagates a received gradient that already carries the last stage's scale, which
+      is its own: all stages' scalers start equal and move together, because engine.step() agrees on overflow
+      over the data-parallel and the TP x PP group. Such a backward is certified by the flag engine.scale()
+      sets (DeepSpeed's `_manual_backward_expected`), set from a hook on the stage output that runs as the
+      received gradient arrives, before any parameter gradient.
+    The module is already in DeepSpeed's precision, so no autocast.
+    """
 
     def __init__(self, engine):
         self.engine = engine
 
     def autocast(self):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        opt = self.engine.optimizer
-        scale = getattr(opt, "loss_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", 1.0)
-        return loss * float(scale)
+        return self.engine.scale(loss)
+
+    def certify_received_gradients(self):
+        """A forward hook for a non-last stage's module: its output's incoming gradient is already scaled."""
+        def certify(grad):
+            self.engine._manual_backward_expected = True
+            return grad
+
+        def on_forward(module, args, out):
+            if torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(certify)
+
+        return self.engine.module.register_forward_hook(on_forward)
 
 
 def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None) -> torch.Tensor:
@@ -68,8 +100,13 @@ def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None)
     from megatron_est.training.pipeline_schedule import forward_backward
 
     engine = run.engine
-    precision: Optional[_LossScale] = _LossScale(engine) if engine.fp16_enabled() else None
-    loss_sum = forward_backward(engine, batches, step, plan, st, timer, precision)
+    precision = _LossScale(engine)
+    hook = None if st.is_last_stage else precision.certify_received_gradients()
+    try:
+        loss_sum = forward_backward(engine, batches, step, plan, st, timer, precision)
+    finally:
+        if hook is not None:
+            hook.remove()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     sync_tied_embedding_grads(params, st.embd_group)
     zero_stale_gradients(run, skipped_layer_params(engine.module, run.current_sub))
