@@ -144,3 +144,16 @@ def test_bf16_with_fp32_gradient_accumulation_refused_with_pipelining(tmp_path):
                                           "--pipeline-model-parallel-size 2 is not supported"):
         validate(make_cfg(pp=2, engine={"deepspeed_config": str(path)}), 4)
     validate(make_cfg(engine={"deepspeed_config": str(path)}), 2)  # not refused without pipelining
+
+
+def _offload_worker(rank, world):
+    cfg = make_cfg(pp=2)
+    st = parallel_state(rank, world, cfg)
+    z1 = make_cfg(pp=2, engine={"deepspeed": True, "zero_stage": 1, "offload_optimizer": True})
+    return {"plain": run_plain(cfg, st), "offload": run_deepspeed(z1, st)}
+
+
+@pytest.mark.slow
+def test_zero1_with_optimizer_offload_matches_plain_pp2_dp2():
+    for r in run_distributed(_offload_worker, 4):
+        same_curve(r["offload"], r["plain"], "pp2 zero1 + offload")
