@@ -109,9 +109,9 @@ def test_a_rank_that_raises_ends_the_whole_job_within_seconds(tmp_path, cache):
     assert rc0 != 0 and rc1 != 0
     assert err1.strip().splitlines()[-1] == "error: rank 1: RuntimeError: injected failure at iteration 3", err1
     last0 = err0.strip().splitlines()[-1]
-    assert last0.startswith("error: rank 0: a collective failed; another rank failed"), err0  # gloo's words vary
+    assert last0.startswith("error: rank 0: lost contact with the other ranks"), err0  # gloo's words vary
     assert "Traceback" not in err0  # the peer's line is all it prints; the cause is rank 1's
-    assert exited - raised < 15, f"{exited - raised:.1f} s from the raise to the end of both processes"
+    assert exited - raised < 10, f"{exited - raised:.1f} s from the raise to the end of both processes"
 
 
 def _wait_worker(rank, port, cache, prefix, out):
@@ -188,3 +188,26 @@ def test_vocabulary_scan_runs_once_per_dataset_and_vocabulary(tmp_path, monkeypa
     with pytest.raises(DataError, match="outside the tokenizer's vocabulary"):  # another vocabulary: scanned
         build_train_valid_test_datasets([prefix], "1", 8, 1, (10, 0, 0), str(tmp_path / "cache"), vocab_size=50)
     assert scans == [n_tokens, 50]
+
+
+SRUN_TASK = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+             "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}
+
+
+@pytest.mark.parametrize("env,expected", [
+    (SRUN_TASK, (3, 4, 1)),  # one process per task of an srun step
+    ({**SRUN_TASK, "SLURM_NTASKS": "8"}, (3, 4, 1)),  # a 4-task step in an 8-task job
+    ({k: v for k, v in SRUN_TASK.items() if "STEP" not in k and k != "SLURM_JOB_ID"}, (3, 4, 1)),  # emulated
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}, (0, 1, 0)),  # sbatch
+    ({**SRUN_TASK, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "2"}, (5, 8, 2)),  # torchrun inside srun
+])
+def test_rank_and_world_from_the_launcher(env, expected, monkeypatch):
+    """A python started by the sbatch script itself is one process: Slurm sets SLURM_PROCID=0 and the job's
+    SLURM_NTASKS there too, and it used to wait for the other 'tasks' until the timeout."""
+    from megatron_est.parallel.state import env_rank_and_world
+
+    for var in (*LAUNCH_VARS, "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert env_rank_and_world() == expected

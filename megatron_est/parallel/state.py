@@ -66,9 +66,16 @@ def env_rank_and_world() -> tuple[int, int, int]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _slurm_batch_script(env):
+        world = env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])  # the srun step's tasks, not the job's
+        return int(env["SLURM_PROCID"]), int(world), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
+
+
+def _slurm_batch_script(env) -> bool:
+    """Started by an sbatch script or salloc shell itself, not by srun: Slurm sets SLURM_PROCID=0 and the job's
+    SLURM_NTASKS there too (measured, Slurm 22.05), but one process would wait forever for the others."""
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env
 
 
 def export_launch_env() -> tuple[int, int, int]:
