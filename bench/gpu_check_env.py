@@ -22,7 +22,7 @@ def environment(ctx: Ctx):
     from bench.gpu_check_train import apex_importable
 
     parts = [f"torch {torch.__version__}", f"CUDA {torch.version.cuda}", f"deepspeed {_version('deepspeed')}",
-             f"transformers {_version('transformers')}", f"apex {'importable' if apex_importable() else 'missing'}"]
+             f"transformers {_version('transformers')}", f"apex {'with CUDA extension' if apex_importable() else 'absent (torch kernels)'}"]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         parts += [f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}", f"cuDNN {torch.backends.cudnn.version()}",

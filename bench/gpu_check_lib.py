@@ -59,7 +59,8 @@ def child_env(ctx: Ctx, cpu: bool = False) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if cpu or ctx.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    env.setdefault("OMP_NUM_THREADS", "1" if ctx.smoke else "4")
+    # few threads in the smoke run (shared cores); the CPU reference on a GPU machine may use more of its cores
+    env["OMP_NUM_THREADS"] = "1" if ctx.smoke else "8" if cpu else env.get("OMP_NUM_THREADS", "4")
     return env
 
 
