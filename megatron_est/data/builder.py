@@ -197,13 +197,15 @@ def _write_status(path: str, error: Exception | None) -> None:
 
 
 def _wait_for_status(path: str, timeout_s: float, report: bool) -> None:
-    """Poll for rank 0's status file; raise rank 0's error (the same line for a DataError) or a timeout."""
+    """Poll for rank 0's status file; raise rank 0's error (the same line for a DataError) or a timeout.
+    On NFS a new file can take up to the attribute-cache time (about a minute) to appear on other nodes."""
     start = last = time.monotonic()
     while not os.path.exists(path):
         now = time.monotonic()
         if now - start > timeout_s:
             raise DataError(f"rank 0 did not finish building the sample indices in {os.path.dirname(path)} "
-                            f"within {timeout_s / 60:g} minutes (--distributed-timeout-minutes)")
+                            f"within {timeout_s / 60:g} minutes (--distributed-timeout-minutes; is "
+                            "--data-cache-dir on a filesystem that every node shares?)")
         if report and now - last >= PROGRESS_S:
             last = now
             print(f" waiting for rank 0 to build the sample indices in {os.path.dirname(path)}: {now - start:.0f} s "
