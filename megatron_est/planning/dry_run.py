@@ -1,0 +1,153 @@
+"""--dry-run: check a plan and print what it costs, without weights, data or a process group.
+
+For --world-size N (default: TP x PP, data-parallel size 1) it validates the layout exactly as training does
+(config.validate), builds every (TP, PP) rank's model on the meta device (planning/params.py), and prints the
+parameter counts (total, per rank, embedding and LM head apart), tokens per step, each EST stage's FLOPs per
+step (whole model and per pipeline stage, closed form: est/stage_flops.py), the schedule's saving, and the
+per-rank memory estimate of every EST stage (planning/memory.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_est.config import Config, ConfigError, validate
+from megatron_est.est.build import build_sampler
+from megatron_est.est.fit import describe_schedule
+from megatron_est.est.savings import saving
+from megatron_est.est.schedule import Stage
+from megatron_est.est.stage_flops import (StageShape, closed_form_flops, pipeline_stage_flops, stage_shape,
+                                          step_flops_closed)
+from megatron_est.planning.memory import GiB, MemoryEstimate, engine_plan, estimate
+from megatron_est.planning.params import all_rank_params, model_parameters, rank_params
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    global_batch: int
+
+    @property
+    def n_micro(self) -> int:
+        """Micro-batches per data-parallel rank and step (gradient accumulation)."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+
+def plan_world_size(cfg: Config) -> int:
+    """--world-size, else the smallest world the layout needs (data-parallel size 1)."""
+    par = cfg.parallel
+    world = par.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if world < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world}")
+    return world
+
+
+def checked_layout(cfg: Config) -> Layout:
+    """Validate as training does (ConfigError, one line naming the flag) and return the plan's layout."""
+    world = plan_world_size(cfg)
+    validate(cfg, world)
+    par, tr = cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = world // (tp * pp)
+    return Layout(world, tp, pp, dp, tr.micro_batch_size, tr.global_batch_size or tr.micro_batch_size * dp)
+
+
+def rank_memory(cfg: Config, world: int, iteration: int = 0, stage: Stage | None = None) -> list[MemoryEstimate]:
+    """Memory estimate of TP rank 0 on every pipeline stage, for the EST stage of `iteration` (or `stage`)."""
+    par, tr = cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = world // (tp * pp)
+    gbs = tr.global_batch_size or tr.micro_batch_size * dp
+    sampler = build_sampler(cfg)
+    shape = stage_shape(cfg, sampler, stage or sampler.schedule.stage_at(iteration))
+    e = engine_plan(cfg)
+    return [estimate(cfg.model, rank_params(cfg, 0, p), shape, tp, pp, dp, tr.micro_batch_size,
+                     gbs // (tr.micro_batch_size * dp), e) for p in range(pp)]
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _param_lines(cfg: Config, lay: Layout) -> list[str]:
+    ranks = all_rank_params(cfg)
+    out = [f"parameters: {model_parameters(ranks):,} in all",
+           "| TP rank | PP rank | total | embedding | LM head | layers | final norm |", "|---|---|---|---|---|---|---|"]
+    for r in ranks:
+        head = f"{r.lm_head:,}" + (" (tied copy)" if r.duplicate else "")
+        out.append(f"| {r.tp_rank} | {r.pp_rank} | {r.total:,} | {r.embedding:,} | {head} | {r.layers:,} | "
+                   f"{r.final_norm:,} |")
+    if cfg.model.tie_embeddings and lay.pp == 1:
+        out.append("(the LM head is the tied word embedding)")
+    return out
+
+
+def _stage_lines(cfg: Config, lay: Layout, shapes: list[tuple[int, Stage, StageShape]], tokens: int) -> list[str]:
+    full = step_flops_closed(cfg, stage_shape(cfg, build_sampler(cfg), Stage(0, 1.0, 1.0, 1.0)), tokens)
+    out = ["| EST stage | rates (pH,pM,pL) | step FLOPs | / full | per pipeline stage (FLOPs) | "
+           "memory per GPU by pipeline stage (GiB) | peak phase |", "|---|---|---|---|---|---|---|"]
+    for idx, st, shape in shapes:
+        flops = step_flops_closed(cfg, shape, tokens)
+        per_pp = " / ".join(f"{f:.3e}" for f in pipeline_stage_flops(cfg, shape, tokens))
+        mem = rank_memory(cfg, lay.world, stage=st)
+        mems = " / ".join(_gib(m.peak) + (f" (+{_gib(m.host)} host)" if m.host else "") for m in mem)
+        mark = "" if shape.exact else " (expected)"
+        out.append(f"| {idx} | {st.p_heads:g},{st.p_mlp:g},{st.p_layers:g} | {flops:.4e}{mark} | "
+                   f"{flops / full:.4f} | {per_pp} | {mems} | {max(mem, key=lambda m: m.peak).peak_phase} |")
+    return out
+
+
+def report(cfg: Config) -> list[str]:
+    """The dry run's lines (ConfigError before anything is built when the plan is impossible)."""
+    lay = checked_layout(cfg)
+    m, tr = cfg.model, cfg.train
+    sampler = build_sampler(cfg)
+    tokens = lay.global_batch * m.seq_length
+    e = engine_plan(cfg)
+    engine = "plain torch engine" if not e.deepspeed else f"DeepSpeed ZeRO-{e.zero_stage}" + (
+        " + optimizer offload" if e.offload_optimizer else "")
+    out = [f"dry run: {m.family} {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
+           f"({m.num_query_groups} KV), vocabulary {m.padded_vocab_size}, seq {m.seq_length}",
+           f"layout: world {lay.world} = TP {lay.tp} x PP {lay.pp} x DP {lay.dp}; micro-batch {lay.micro_batch}, "
+           f"global batch {lay.global_batch} ({lay.n_micro} micro-batches per rank and step); {engine}, "
+           f"{e.precision}, recompute {e.recompute or 'off'}"]
+    out += _param_lines(cfg, lay)
+    out.append(f"tokens per step: {tokens:,}")
+    stages = closed_form_flops(cfg, sampler, tr.train_iters, tokens)
+    shapes = [(s.stage, sampler.schedule.stages[s.stage - 1],
+               stage_shape(cfg, sampler, sampler.schedule.stages[s.stage - 1])) for s in stages]
+    out.append(f"EST schedule {describe_schedule(cfg.est, sampler.schedule)!r} over {tr.train_iters} iterations: "
+               + ", ".join(f"stage {s.stage} {s.iterations} it." for s in stages))
+    out += _stage_lines(cfg, lay, shapes, tokens)
+    out.append(f"training FLOPs: {sum(s.flops for s in stages):.4e} vs full model "
+               f"{sum(s.full_flops for s in stages):.4e}: {100 * saving(stages):.2f}% saved")
+    out.append("memory: per rank of the busiest TP position (every TP rank holds the same shapes); "
+               "formulas in megatron_est/planning/memory.py")
+    return out
+
+
+def dry_run(cfg: Config) -> int:
+    """Print the report; exit status 0 (a bad plan raises ConfigError: the entry point prints one line)."""
+    for line in report(cfg):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None, default_preset: str = "gpt2-tiny") -> int:
+    """`python -m megatron_est.planning.dry_run FLAGS`: the training flags, planned instead of run."""
+    import sys
+
+    from megatron_est.arguments import parse_args
+
+    try:
+        return dry_run(parse_args(argv, "Dry run: check a training plan and print its cost", default_preset))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
