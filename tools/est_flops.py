@@ -24,15 +24,7 @@ from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
 from megatron_est.est.savings import saving  # noqa: E402
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape  # noqa: E402
-
-
-def plan_world_size(cfg) -> int:
-    """--world-size, else the smallest world the layout needs (data-parallel size 1)."""
-    par = cfg.parallel
-    world = par.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-    if world < 1:
-        raise ConfigError(f"--world-size must be >= 1, got {world}")
-    return world
+from megatron_est.planning.dry_run import plan_world_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:
