@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 from bench.common import interleaved_times, median  # noqa: E402
 from megatron_est.arguments import parse_args  # noqa: E402
-from megatron_est.config import unsampled_update  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.savings import schedule_flops  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages
                      if st.flops != st.full_flops})
     times = {k: median(v) for k, v in interleaved_times(variants, args.reps).items()}
-    print(f"# unsampled parameters: {unsampled_update(cfg)}")
+    print(f"# unsampled parameters: {cfg.est.unsampled_update}")
     return report(stages, times, tr.train_iters, cfg.est.schedule, m, tokens_per_step)
 
 

@@ -30,7 +30,7 @@ _HELP = {
                               "--train-iters) is within 0.5 percentage points of it",
     ("est", "layer_rescale"): "scale active residual branches by N_L/k_L in layer-sampling stages",
     ("est", "unsampled_update"): "parameters outside the subnetwork: freeze (untouched, AdamW moments too), adamw "
-                                 "(zero gradient, AdamW moves them) or auto (default: freeze; adamw under --deepspeed)",
+                                 "(zero gradient, AdamW moves them); default freeze, the same in every engine and layout",
     ("est", "tp_strata"): "sampling strata for heads and neurons (default: the TP size)",
     ("est", "pp_strata"): "sampling strata for layers (default: the PP size)",
     ("parallel", "distributed_timeout_minutes"): "timeout of every collective, in minutes (default 10, as in "

@@ -25,12 +25,11 @@ EST_SCHEDULE = "0:0.5,0.5,0.5;3:0.5,0.5,1;6:1,1,1"
 
 def make_cfg(family: str = "gpt2", tp: int = 1, pp: int = 1, iters: int = 8, gbs: int = 8, mbs: int = 2,
              schedule: str = EST_SCHEDULE, checkpoint: Optional[dict] = None, engine: Optional[dict] = None,
-             **model_kw) -> Config:
+             unsampled: str = "adamw", **model_kw) -> Config:
     # 250 tokens, no vocabulary padding: our loss then equals transformers' loss on exported weights.
     model = tiny(family, **{"num_layers": 4, "make_vocab_size_divisible_by": 50, **model_kw})
-    # Fixed strata so that every parallel layout draws the same subnetworks; "adamw", what ZeRO does, so that
-    # the plain engine and DeepSpeed compare like with like.
-    est = ESTConfig(schedule=schedule, tp_strata=2, pp_strata=2, unsampled_update="adamw")
+    # Fixed strata so that every parallel layout draws the same subnetworks.
+    est = ESTConfig(schedule=schedule, tp_strata=2, pp_strata=2, unsampled_update=unsampled)
     tr = TrainConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters, lr=3e-3, min_lr=3e-4,
                      lr_warmup_iters=2, log_interval=1, eval_interval=10 ** 6, seed=11)
     return Config(model=model, parallel=ParallelConfig(tensor_model_parallel_size=tp,

@@ -85,19 +85,14 @@ def test_adamw_mode_moves_unsampled_parameters(family):
         assert not torch.equal(_rows(p, dim, drop.nonzero().squeeze(1)), _rows(before[p][0], dim, drop.nonzero().squeeze(1)))
 
 
-def test_auto_is_freeze_except_under_deepspeed():
-    from megatron_est.config import EngineConfig, unsampled_update
+def test_freeze_is_the_default_everywhere_and_auto_is_gone():
+    from megatron_est.config import ConfigError, EngineConfig, ParallelConfig, validate
 
-    plain = Config(model=tiny("gpt2"))
-    assert plain.est.unsampled_update == "auto" and unsampled_update(plain) == "freeze"
-    assert unsampled_update(Config(model=tiny("gpt2"), engine=EngineConfig(deepspeed=True))) == "adamw"
-    assert unsampled_update(Config(model=tiny("gpt2"), est=ESTConfig(unsampled_update="adamw"))) == "adamw"
-
-
-def test_auto_is_freeze_with_pipeline_parallelism():
-    from megatron_est.config import ParallelConfig, unsampled_update, validate
-
-    pp2 = Config(model=tiny("gpt2", num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2))
-    assert unsampled_update(pp2) == "freeze"
-    validate(Config(model=tiny("gpt2", num_layers=4), parallel=ParallelConfig(pipeline_model_parallel_size=2),
-                    est=ESTConfig(unsampled_update="freeze")), 2)  # accepted (tests/test_pipeline.py trains it)
+    assert ESTConfig().unsampled_update == "freeze"
+    for cfg, world in ((Config(model=tiny("gpt2", num_layers=4)), 1),
+                       (Config(model=tiny("gpt2", num_layers=4),
+                               parallel=ParallelConfig(pipeline_model_parallel_size=2)), 2),
+                       (Config(model=tiny("gpt2", num_layers=4), engine=EngineConfig(deepspeed=True)), 1)):
+        validate(cfg, world)  # accepted: tests/test_pipeline.py and test_freeze_engines.py train these
+    with pytest.raises(ConfigError, match="--est-unsampled-update: unknown value 'auto'"):
+        validate(Config(model=tiny("gpt2"), est=ESTConfig(unsampled_update="auto")), 1)

@@ -2,7 +2,7 @@
 object chosen per run, the same algorithm in every engine (plain torch, DeepSpeed ZeRO 0-3) and layout.
 
 "adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay.
-"freeze" (the default, via "auto"; config.unsampled_update): they and their AdamW moments are left exactly as
+"freeze" (the default): they and their AdamW moments are left exactly as
 they were. Every element takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, and the
 elements the step's plan did not train (the model says which: LanguageModel.trained_slices and
 skipped_parameters) get their value and moments written back right after the optimizer's update. Done on the
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megatron_est.config import Config, unsampled_update
+from megatron_est.config import Config
 from megatron_est.model.plan import ModelPlan
 from megatron_est.parallel.grads import zero_fill_missing_grads
 
@@ -124,5 +124,5 @@ class FreezeUpdate:
 
 
 def unsampled_policy(cfg: Config):
-    """The run's policy: FreezeUpdate or AdamWUpdate, from --est-unsampled-update ("auto" resolved)."""
-    return FreezeUpdate() if unsampled_update(cfg) == "freeze" else AdamWUpdate()
+    """The run's policy: FreezeUpdate or AdamWUpdate, from --est-unsampled-update."""
+    return FreezeUpdate() if cfg.est.unsampled_update == "freeze" else AdamWUpdate()

@@ -28,7 +28,9 @@ import torch.distributed as dist
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.grads import grad_norm_and_clip
 from megatron_est.parallel.state import ParallelState
+from megatron_est.training import deepspeed_pipeline
 from megatron_est.training.deepspeed_config import resolve_config, write_derived
+from megatron_est.training.deepspeed_unsampled import DeepSpeedFreeze, frozen_during_step, zero_stale_gradients
 from megatron_est.training.optimizer import learning_rate
 
 
@@ -117,6 +119,7 @@ class DeepSpeedRun:
         self.offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
         self.half = bool((ds_config.get("bf16") or {}).get("enabled") or (ds_config.get("fp16") or {}).get("enabled"))
         self.own_lr = "scheduler" not in ds_config  # our warmup/decay schedule, unless the JSON brings one
+        self.freeze: Optional[DeepSpeedFreeze] = None  # --est-unsampled-update freeze (None: adamw)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -148,8 +151,6 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
         if path and log is not None:
             log.print(f"> DeepSpeed config derived from the flags written to {path}")
     if st.pp > 1:
-        from megatron_est.training import deepspeed_pipeline
-
         gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * st.dp
         ds_config = deepspeed_pipeline.adapt_config(ds_config, gbs // (cfg.train.micro_batch_size * st.dp), log)
         deepspeed_pipeline.mark_params_for_norm(model, st)
@@ -166,6 +167,8 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
                                            model_parameters=groups if client_opt is None else None,
                                            config=ds_config, mpu=MPU(st), dist_init_required=False)
     run = DeepSpeedRun(engine, ds_config, st)
+    if cfg.est.unsampled_update == "freeze":
+        run.freeze = DeepSpeedFreeze(engine, run.stage, st.dp_rank)
     if run.stage == 3:
         _register_external_params(deepspeed, model)
     if log is not None:
@@ -184,43 +187,6 @@ def _register_external_params(deepspeed, model: torch.nn.Module) -> None:
         deepspeed.zero.register_external_parameter(model, emb.weight)
 
 
-def skipped_layer_params(module: torch.nn.Module, sub) -> list[torch.nn.Parameter]:
-    """Parameters of this stage's layers that the subnetwork skips this step."""
-    if sub is None or sub.is_full:
-        return []
-    block = module.decoder
-    kept = set(sub.layers)
-    return [p for offset, layer in enumerate(block.layers) if block.first + offset not in kept
-            for p in layer.parameters()]
-
-
-def zero_stale_gradients(run: "DeepSpeedRun", params: list[torch.nn.Parameter]) -> None:
-    """Give parameters that produced no gradient this step a zero gradient inside DeepSpeed's buffers.
-
-    ZeRO-3 keeps per-parameter gradient partitions across steps, and so does ZeRO-1/2 with the optimizer
-    offloaded (its CPU fp32 gradient buffer): both would otherwise hand the optimizer the stale gradient of the
-    last step the parameter ran. ZeRO-1/2 without offload already hand zeros. Without ZeRO (stage 0) the
-    optimizer sees p.grad directly, and torch's AdamW skips a parameter whose gradient is None instead of
-    applying momentum and weight decay as the plain engine does: those get a zero gradient. Call after the last
-    backward of the step, before engine.step(); every rank calls it with the same parameters (no communication).
-    """
-    if not params:
-        return
-    from deepspeed.utils import safe_set_full_grad, safe_set_local_grad
-
-    if run.stage == 3:
-        for p in params:
-            safe_set_local_grad(p, torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device))
-    elif run.offload:
-        for p in params:
-            if getattr(p, "_hp_mapping", None) is not None:  # only the fragment this rank owns
-                safe_set_full_grad(p, torch.zeros(p.shape, dtype=torch.float32, device=p.device))
-    elif run.stage == 0:  # no ZeRO: the optimizer sees p.grad, and skips (rather than decays) a None gradient
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-
 def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: Config, st: ParallelState,
                step: int, timer=None, precision=None) -> tuple[float, float]:
     """One optimizer step through DeepSpeed: engine forward/backward per micro-batch, engine.step() each time
@@ -233,11 +199,8 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
         lr = learning_rate(cfg.train, step)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
-    run.current_sub = sub
     if st.pp > 1:
-        from megatron_est.training.deepspeed_pipeline import pipelined_step
-
-        loss_sum = pipelined_step(run, batches, step, plan, st, timer)
+        loss_sum = deepspeed_pipeline.pipelined_step(run, batches, step, plan, st, timer)
     else:
         n = batches.num_micro
         loss_sum = torch.zeros((), device=st.device)
@@ -247,12 +210,15 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps and averages over DP
             loss_sum += loss.detach() / n
             norm0 = None
-            if m == n - 1:
-                zero_stale_gradients(run, skipped_layer_params(module, sub))
-                if run.stage == 0 and not run.half:  # DeepSpeed reports no norm here: measure it (no clipping)
-                    norm0 = grad_norm_and_clip([p for p in module.parameters() if p.grad is not None], 0.0,
-                                               st.tp_group, st.tp, st.pp_group, st.pp)
-            engine.step()
+            if m < n - 1:
+                engine.step()  # not yet the accumulation boundary: DeepSpeed only counts the micro-batch
+                continue
+            zero_stale_gradients(run, module.skipped_parameters(plan))
+            if run.stage == 0 and not run.half:  # DeepSpeed reports no norm here: measure it (no clipping)
+                norm0 = grad_norm_and_clip([p for p in module.parameters() if p.grad is not None], 0.0,
+                                           st.tp_group, st.tp, st.pp_group, st.pp)
+            with frozen_during_step(run, module, plan):
+                engine.step()
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else (norm0 if st.pp == 1 and norm0 is not None else float("nan"))
     if st.dp > 1:

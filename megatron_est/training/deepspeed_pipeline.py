@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from megatron_est.parallel.grads import sync_tied_embedding_grads
 from megatron_est.parallel.state import ParallelState
+from megatron_est.training.deepspeed_unsampled import frozen_during_step, zero_stale_gradients
+from megatron_est.training.pipeline_schedule import forward_backward
 
 
 def adapt_config(conf: dict, num_micro: int, log=None) -> dict:
@@ -96,9 +98,6 @@ class _LossScale:
 
 def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None) -> torch.Tensor:
     """1F1B over the stage engines, tied-embedding sync, stale-gradient fix, one engine.step()."""
-    from megatron_est.training.deepspeed_engine import skipped_layer_params, zero_stale_gradients
-    from megatron_est.training.pipeline_schedule import forward_backward
-
     engine = run.engine
     precision = _LossScale(engine)
     hook = None if st.is_last_stage else precision.certify_received_gradients()
@@ -109,7 +108,8 @@ def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None)
             hook.remove()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     sync_tied_embedding_grads(params, st.embd_group)
-    zero_stale_gradients(run, skipped_layer_params(engine.module, run.current_sub))
-    engine.step()
+    zero_stale_gradients(run, engine.module.skipped_parameters(plan))
+    with frozen_during_step(run, engine.module, plan):
+        engine.step()
     dist.all_reduce(loss_sum, group=st.pp_group)  # only the last stage computed a loss
     return loss_sum

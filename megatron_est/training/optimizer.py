@@ -10,14 +10,12 @@ from megatron_est.config import ConfigError, TrainConfig
 from megatron_est.kernels import apex_fused_adam
 
 
-def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True,
-                    skips_tensors: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
     """Biases and norm weights (1-D parameters) get no weight decay, as in Megatron.
 
     On GPU: apex's FusedAdam (AdamW mode) when its CUDA extension loads and use_apex, else torch's fused AdamW.
-    skips_tensors (--est-unsampled-update freeze: skipped layers keep grad None): torch's AdamW, which counts
-    steps per tensor; FusedAdam keeps one step count per group that advances for tensors it skips, so their
-    bias correction would differ from the CPU run's.
+    Both modes of --est-unsampled-update step every tensor every step (freeze writes the frozen elements back
+    afterwards), so FusedAdam's one step count per group equals torch's per-tensor counts.
     """
     decay, no_decay = [], []
     for p in model.parameters():
@@ -26,7 +24,7 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = Tr
     groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused kernels on GPU; the multi-tensor (foreach) path on CPU, where the default is a per-tensor loop.
     cuda = next(model.parameters()).is_cuda
-    fused_adam = apex_fused_adam() if cuda and use_apex and not skips_tensors else None
+    fused_adam = apex_fused_adam() if cuda and use_apex else None
     if fused_adam is not None:
         return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
                           adam_w_mode=True)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_est.arguments import parse_args
-from megatron_est.config import Config, ConfigError, unsampled_update, validate
+from megatron_est.config import Config, ConfigError, validate
 from megatron_est.data.errors import DataError
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
@@ -105,7 +105,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
     model = build_model(cfg, st)  # this rank's pipeline stage
     configure_model(cfg, model)  # activation recompute, apex switch
-    optimizer = build_optimizer(model, tr, cfg.engine.use_apex, unsampled_update(cfg) == "freeze")
+    optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
     precision = build_precision(cfg.engine, st.device)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
     ds = engine = step_fn = None
@@ -121,7 +121,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
               f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
               f"EST schedule: {describe_schedule(cfg.est, sampler.schedule)}; "
-              f"unsampled parameters: {unsampled_update(cfg)}")
+              f"unsampled parameters: {cfg.est.unsampled_update}")
     train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
     extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}

@@ -1,0 +1,84 @@
+"""One EST algorithm under every engine: --est-unsampled-update freeze (the default) and adamw give the loss curve
+of one plain-torch process under DeepSpeed ZeRO 0/1/2/3 at DP 2 (ZeRO-3 with optimizer offload too) and ZeRO-1 at
+PP 2 x DP 2, over an EST schedule that crosses all three stages (fixed strata: every layout draws the same
+subnetworks). The plain engine's layouts (TP, PP, DP) are compared in tests/test_pipeline.py.
+
+Negative control: ZeRO-3 with freeze switched off inside DeepSpeed (the frozen elements not written back) drifts
+away from the plain engine's freeze curve: the check can fail.
+"""
+import pytest
+
+from megatron_est.parallel.state import ParallelState
+from tests.engine_harness import make_cfg, parallel_state, run_deepspeed, run_plain
+from tests.helpers import run_distributed
+
+pytest.importorskip("deepspeed")
+MODES = ("freeze", "adamw")
+
+
+def _ds(mode: str, **engine):
+    return make_cfg(unsampled=mode, engine={"deepspeed": True, **engine})
+
+
+def _dp2_worker(rank, world):
+    import megatron_est.training.deepspeed_unsampled as dsu
+
+    cfg = make_cfg()
+    st = parallel_state(rank, world, cfg)
+    out = {}
+    for mode in MODES:
+        for stage in (0, 1, 2, 3):
+            out[(mode, f"zero{stage}")] = run_deepspeed(_ds(mode, zero_stage=stage), st)["losses"]
+    out[("freeze", "zero3_offload")] = run_deepspeed(_ds("freeze", zero_stage=3, offload_optimizer=True),
+                                                     st)["losses"]
+    restore = dsu.DeepSpeedFreeze._restore
+    dsu.DeepSpeedFreeze._restore = lambda self, *_: None  # negative control: nothing written back
+    try:
+        out[("freeze", "zero3_not_restored")] = run_deepspeed(_ds("freeze", zero_stage=3), st)["losses"]
+    finally:
+        dsu.DeepSpeedFreeze._restore = restore
+    return out
+
+
+def _pp2_dp2_worker(rank, world):
+    cfg = make_cfg(pp=2, unsampled="freeze", engine={"deepspeed": True, "zero_stage": 1})
+    return {("freeze", "zero1_pp2"): run_deepspeed(cfg, parallel_state(rank, world, cfg))["losses"]}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """One process, plain torch engine."""
+    return {mode: run_plain(make_cfg(unsampled=mode), ParallelState())["losses"] for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def dp2() -> list[dict]:
+    return run_distributed(_dp2_worker, 2)
+
+
+def _close(got: dict, ref: dict) -> bool:
+    return all(abs(got[it] - ref[it]) <= 1e-5 * abs(ref[it]) for it in ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_dp2_equals_one_process(dp2, reference, mode, stage):
+    for rank_out in dp2:
+        assert _close(rank_out[(mode, f"zero{stage}")], reference[mode]), (mode, stage)
+
+
+def test_zero3_offload_freeze_equals_one_process(dp2, reference):
+    for rank_out in dp2:
+        assert _close(rank_out[("freeze", "zero3_offload")], reference["freeze"])
+
+
+def test_freeze_and_adamw_differ_and_the_restore_matters(dp2, reference):
+    """The comparisons can fail: the two modes train differently, and so does ZeRO without the write-back."""
+    assert not _close(reference["adamw"], reference["freeze"])
+    assert not _close(dp2[0][("freeze", "zero3_not_restored")], reference["freeze"])
+
+
+@pytest.mark.slow
+def test_zero1_pp2_dp2_freeze_equals_one_process(reference):
+    for rank_out in run_distributed(_pp2_dp2_worker, 4):
+        assert _close(rank_out[("freeze", "zero1_pp2")], reference["freeze"])
