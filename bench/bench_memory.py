@@ -50,6 +50,7 @@ CONFIGS = {
     "zero2_dp2": (2, ["--deepspeed", "--zero-stage", "2"]),
     "zero3_dp2": (2, ["--deepspeed", "--zero-stage", "3"]),
     "zero2_offload_dp2": (2, ["--deepspeed", "--zero-stage", "2", "--offload-optimizer"]),
+    "zero2_bf16_dp2": (2, ["--deepspeed", "--zero-stage", "2", "--bf16"]),
     "plain_dp2": (2, []),
 }
 
@@ -155,15 +156,31 @@ def _pp(flags: list[str]) -> int:
         else 1
 
 
-def estimated(flags: list[str], world: int) -> list[float]:
-    """The memory model's peak (device + host) per pipeline stage for the measured steps."""
+def estimated(flags: list[str], world: int) -> tuple[list[float], float | None]:
+    """The memory model's peak (device + host) per pipeline stage for the measured steps, and DeepSpeed's own
+    estimate of the model states per GPU (estimate_zero2/3_model_states_mem_needs, ZeRO rows only)."""
     from megatron_est.arguments import parse_args
     from megatron_est.config import validate
     from megatron_est.planning.dry_run import rank_memory
+    from megatron_est.planning.memory import engine_plan
+    from megatron_est.planning.params import rank_params
 
     cfg = parse_args(flags, "bench", "gpt2-tiny")
     validate(cfg, world)
-    return [m.peak + m.host for m in rank_memory(cfg, world, iteration=cfg.train.train_iters - 1)]
+    ours = [m.peak + m.host for m in rank_memory(cfg, world, iteration=cfg.train.train_iters - 1)]
+    if not cfg.engine.deepspeed or cfg.engine.resolved_zero_stage not in (2, 3):  # DeepSpeed estimates ZeRO-2/3
+        return ours, None
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = rank_params(cfg, 0, 0)
+    offload = engine_plan(cfg).offload_optimizer  # from the JSON's zero_optimization.offload_optimizer
+    if cfg.engine.resolved_zero_stage == 3:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(p.total, p.largest_layer, world, 1, cpu_offload=offload,
+                                                          cpu_offload_params=False)
+    else:
+        _, gpu = estimate_zero2_model_states_mem_needs(p.total, world, 1, cpu_offload=offload)
+    return ours, float(gpu)
 
 
 def measure(name: str) -> list[dict]:
@@ -173,9 +190,9 @@ def measure(name: str) -> list[dict]:
         os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1")
         mp.start_processes(_worker, args=(world, free_port(), name, flags, tmp), nprocs=world, start_method="spawn")
         ranks = [json.load(open(os.path.join(tmp, f"{name}.{r}.json"))) for r in range(world)]
-        est = estimated(flags, world)
-    return [{"config": name, "rank": r["rank"], "measured": r["peak"], "estimated": est[r["pp_rank"]]}
-            for r in ranks]
+        est, ds = estimated(flags, world)
+    return [{"config": name, "rank": r["rank"], "measured": r["peak"], "estimated": est[r["pp_rank"]],
+             "deepspeed_states": ds} for r in ranks]
 
 
 def main(argv=None) -> list[dict]:
@@ -184,15 +201,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     rows = []
-    print("| config | measured peak (MiB) | estimated (MiB) | error |")
-    print("|---|---|---|---|")
+    print("| config | measured peak (MiB) | estimated (MiB) | error | DeepSpeed estimator, model states (MiB) |")
+    print("|---|---|---|---|---|")
     for name in args.only:
         per_rank = measure(name)
         worst = max(per_rank, key=lambda r: r["measured"])
         err = worst["estimated"] / worst["measured"] - 1
         rows.append({**worst, "error": err})
-        print(f"| {name} | {worst['measured'] / 2**20:.1f} | {worst['estimated'] / 2**20:.1f} | {100 * err:+.1f}% |",
-              flush=True)
+        ds = worst["deepspeed_states"]
+        ds_text = "-" if ds is None else f"{ds / 2**20:.1f} ({100 * (ds / worst['measured'] - 1):+.0f}%)"
+        print(f"| {name} | {worst['measured'] / 2**20:.1f} | {worst['estimated'] / 2**20:.1f} | {100 * err:+.1f}% | "
+              f"{ds_text} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
