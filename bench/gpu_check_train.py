@@ -55,19 +55,20 @@ def half(ctx: Ctx, family: str, flag: str, name: str, extra: tuple = ()):
 
 
 def zero(ctx: Ctx, stage: int, precision: str = "fp32"):
-    """DeepSpeed ZeRO-N: finite, falling, first loss equal to the plain engine's (same weights, same batch).
-
-    Later losses differ by design: under --deepspeed unsampled parameters get AdamW updates (docs/est.md)."""
+    """DeepSpeed ZeRO-N: finite, falling, the same curve as the plain engine (same weights, batches, subnetworks;
+    unsampled parameters frozen in both engines). Half precision differs more: DeepSpeed's bf16/fp16 modes keep
+    a half-precision module, the plain engine autocasts fp32 weights."""
     flags = ["--deepspeed", "--zero-stage", str(stage)] + ([f"--{precision}"] if precision != "fp32" else [])
     if precision == "fp32":
         flags += fp32_flags(ctx)
     ref = baseline(ctx, "gpt2") if precision == "fp32" else losses(train(ctx, "gpt2", f"gpt2_{precision}",
                                                                           [f"--{precision}"]))
     ls = check_curve(train(ctx, "gpt2", f"gpt2_zero{stage}_{precision}", flags), f"zero{stage} {precision}")
-    tol = fp32_tol(ctx) if precision == "fp32" else HALF_FIRST_TOL
-    d0 = abs(ls[0] - ref[0])
-    return ("pass" if d0 <= tol else "fail"), (f"first loss diff to plain engine {d0:.1e} (tol {tol:.0e}); "
-                                               f"losses {fmt(ls)}")
+    tol0, tol = (fp32_tol(ctx), 5 * fp32_tol(ctx)) if precision == "fp32" else (HALF_FIRST_TOL, HALF_CURVE_TOL)
+    d0, dc = abs(ls[0] - ref[0]), max_diff(ls, ref)
+    return ("pass" if d0 <= tol0 and dc <= tol else "fail"), (
+        f"to the plain engine: first loss diff {d0:.1e} (tol {tol0:.0e}), curve max diff {dc:.1e} (tol {tol:.0e}); "
+        f"losses {fmt(ls)}")
 
 
 def same_as_baseline(ctx: Ctx, family: str, name: str, flags: list[str]):
