@@ -172,34 +172,46 @@ def in_flight_microbatches(pp_rank: int, pp: int, n_micro: int) -> int:
     return min(pp - pp_rank, n_micro) if pp > 1 else 1
 
 
-def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, dp: int, micro_batch: int,
-             n_micro: int, e: EnginePlan) -> MemoryEstimate:
-    """Peak bytes of one rank (see the module docstring for every term)."""
-    s = model_states(p, dp, e)
-    tokens = micro_batch * m.seq_length
-    act = activations_per_microbatch(m, shape, tp, p.pp_rank, pp, tokens, e) * \
-        in_flight_microbatches(p.pp_rank, pp, n_micro)
-    grad_bytes = 4 if not e.deepspeed else e.weight_bytes
+def _forward_temporaries(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, tokens: int,
+                         n_micro: int, e: EnginePlan) -> float:
+    """Bytes beside the saved activations at the forward/backward peak: the loss backward's buffers, the LM
+    head's gradient (single micro-batch), weight copies (autocast; EST slices)."""
     temp = 0.0
     if p.pp_rank == pp - 1:  # loss backward: gradient of the log-probabilities and of the logits, fp32
         temp += 2 * 4 * tokens * m.padded_vocab_size / tp
         head = p.lm_head or p.embedding  # tied without PP: the embedding is the head
-        temp += grad_bytes * head if n_micro == 1 else 0  # (with accumulation: all gradients, below)
+        temp += (4 if not e.deepspeed else e.weight_bytes) * head if n_micro == 1 else 0
     layers = shape.layers[p.pp_rank]
     if not e.deepspeed and e.precision != "fp32":  # autocast's half-precision copies of every matmul weight run
-        temp += 2 * layers * _sliced_weight_params(m, shape, tp, with_unsliced=True)
-    else:  # EST: the index_select'ed slices of sampled modules
-        temp += e.weight_bytes * layers * _sliced_weight_params(m, shape, tp, with_unsliced=False)
-    buckets = 0.0
-    if e.deepspeed and e.zero_stage in (1, 2):
-        dtype = 4 if e.zero_stage == 1 else e.weight_bytes
-        buckets = (2 if e.overlap_comm else 1) * min(e.reduce_bucket_size, p.total) * dtype
+        return temp + 2 * layers * _sliced_weight_params(m, shape, tp, with_unsliced=True)
+    return temp + e.weight_bytes * layers * _sliced_weight_params(m, shape, tp, with_unsliced=False)
+
+
+def _deepspeed_buckets(p: RankParams, e: EnginePlan) -> float:
+    """ZeRO-1/2's contiguous gradient bucket(s): reduce_bucket_size elements (fp32 for ZeRO-1's accumulator),
+    doubled with overlap_comm; never more than the rank's gradients fill."""
+    if not (e.deepspeed and e.zero_stage in (1, 2)):
+        return 0.0
+    dtype = 4 if e.zero_stage == 1 else e.weight_bytes
+    return (2 if e.overlap_comm else 1) * min(e.reduce_bucket_size, p.total) * dtype
+
+
+def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, dp: int, micro_batch: int,
+             n_micro: int, e: EnginePlan) -> MemoryEstimate:
+    """Peak bytes of one rank: the largest of the three phases of the module docstring."""
+    s = model_states(p, dp, e)
+    tokens = micro_batch * m.seq_length
+    act = activations_per_microbatch(m, shape, tp, p.pp_rank, pp, tokens, e) * \
+        in_flight_microbatches(p.pp_rank, pp, n_micro)
+    temp = _forward_temporaries(m, p, shape, tp, pp, tokens, n_micro, e)
+    buckets = _deepspeed_buckets(p, e)
     # Gradient accumulation: every micro-batch after the first runs with all gradients allocated.
     fwd_bwd = s.weights + s.optimizer + act + temp + buckets + (s.gradients if n_micro > 1 else 0)
     reduce = s.weights + s.optimizer + s.gradients + buckets
-    if not e.deepspeed and dp > 1:
+    if not e.deepspeed and dp > 1:  # parallel/grads.py: a flattened bucket and its unflattened copy
         reduce += 2 * 4 * min(PLAIN_BUCKET_NUMEL, p.total)
-    step_temp = (4 * p.total / (dp if e.deepspeed and e.zero_stage else 1)) if not e.offload_optimizer else 0.0
+    # foreach AdamW's sqrt(exp_avg_sq): one fp32 temporary per element it updates (on the host when offloaded)
+    step_temp = 0.0 if e.offload_optimizer else 4 * p.total / (dp if e.deepspeed and e.zero_stage else 1)
     step = s.weights + s.optimizer + s.gradients + step_temp + buckets
     phases = {"forward/backward": fwd_bwd, "gradient reduce": reduce, "optimizer step": step}
     phase = max(phases, key=phases.get)
