@@ -126,6 +126,16 @@ class TrainConfig:
     eval_iters: int = 10
     metrics_file: Optional[str] = None
     num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU
+    # Observability (training/scalar_logs.py): TensorBoard event files, and W&B when wandb is installed
+    # (offline unless WANDB_MODE says otherwise).
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    # Zero-shot tasks (evaluation/tasks.py, e.g. "arc_easy,piqa" or "all") run at each evaluation on the first
+    # eval_limit documents of each (evaluation/in_training.py).
+    eval_tasks: Optional[str] = None
+    eval_limit: int = 100
 
 
 @dataclass

@@ -18,7 +18,9 @@ def _offline() -> None:
 def run_tasks(lm, names: list[str], limit: int | None = None, log_samples: bool = False,
               verbosity: str = "WARNING") -> dict:
     """lm_eval.simple_evaluate on the offline tasks; returns its results dict. limit: first N documents per
-    task (None: all). bootstrap_iters=0: the standard errors lm-eval computes in closed form are kept."""
+    task (None: all). bootstrap_iters=0: no resampling (result_rows gives closed-form standard errors). The
+    global RNGs are left alone (no seeding): a run evaluated mid-training resumes exactly; zero-shot
+    log-likelihood tasks use no randomness."""
     _offline()
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -28,7 +30,8 @@ def run_tasks(lm, names: list[str], limit: int | None = None, log_samples: bool 
         manager = TaskManager(include_path=write_task_dir(names, tmp), include_defaults=False,
                               verbosity=verbosity)
         return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                       bootstrap_iters=0, log_samples=log_samples, verbosity=verbosity)
+                                       bootstrap_iters=0, log_samples=log_samples, verbosity=verbosity,
+                                       random_seed=None, numpy_random_seed=None, torch_random_seed=None)
 
 
 def result_rows(results: dict) -> list[dict]:

@@ -13,6 +13,7 @@ from megatron_est.convert.hf import from_hf_state_dict
 from megatron_est.data.errors import DataError
 from megatron_est.data.tokenizers import build_tokenizer
 from megatron_est.model.language_model import LanguageModel
+from megatron_est.training import checkpoint_layout as layout
 
 
 def _model(model_cfg: ModelConfig, full: dict) -> LanguageModel:
@@ -25,8 +26,13 @@ def _model(model_cfg: ModelConfig, full: dict) -> LanguageModel:
 
 
 def load_checkpoint(root: str, iteration: Optional[int] = None) -> tuple[LanguageModel, dict]:
-    """(the whole model on this process, the checkpoint's metadata)."""
+    """(the whole model on this process, the checkpoint's metadata, with the training flags as "args")."""
     model_cfg, full, meta = conv.merge_checkpoint(root, iteration)
+    if "args" not in meta:  # a training save keeps its flags in the shards
+        pp = meta["parallel"]["pipeline_model_parallel_size"]
+        shard = layout.shard_path(root, conv.resolve_iteration(root, iteration), 0, 0, pp)
+        if os.path.isfile(shard):
+            meta = {**meta, "args": torch.load(shard, map_location="cpu", weights_only=True).get("args")}
     return _model(model_cfg, full), meta
 
 
@@ -42,7 +48,13 @@ def checkpoint_tokenizer(meta: dict, overrides: dict):
     """The tokenizer a checkpoint trained with (its saved data flags), each flag overridable."""
     data = dict((meta.get("args") or {}).get("data", {}))
     data.update({k: v for k, v in overrides.items() if v})
-    return _tokenizer(data.get("tokenizer_type") or "SentencePieceTokenizer", data)
+    kind = data.get("tokenizer_type") or "SentencePieceTokenizer"
+    if kind == "SentencePieceTokenizer" and not data.get("tokenizer_model") and "data_path" in data \
+            and not data["data_path"]:  # trained on the bundled corpus: its tokenizer (already built there)
+        from megatron_est.data.default_corpus import prepare_default_corpus
+
+        data["tokenizer_model"] = prepare_default_corpus(data.get("cache_dir") or ".cache")[1]
+    return _tokenizer(kind, data)
 
 
 def hf_folder_tokenizer(hf_dir: str, overrides: dict):

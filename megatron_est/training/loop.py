@@ -74,11 +74,13 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
           state: Optional[TrainState] = None, log: Optional[MetricsLog] = None,
           after_step: Optional[Callable[[TrainState], bool]] = None, precision=None,
           step_fn: Optional[Callable] = None,
-          extra_valid_batches: Optional[dict[str, MicroBatches]] = None) -> TrainState:
+          extra_valid_batches: Optional[dict[str, MicroBatches]] = None,
+          downstream: Optional[Callable] = None) -> TrainState:
     """Train from state.iteration to --train-iters. after_step(state), called on every rank after each
     step (checkpointing, exit signals), returns True to stop early. step_fn replaces train_step (the DeepSpeed
     engine's step; model is then the engine). extra_valid_batches: named held-out sets evaluated beside the
-    validation split, logged as extra_val_loss[name]."""
+    validation split, logged as extra_val_loss[name]. downstream(model) -> {task: {metric: value}}: zero-shot
+    tasks at each evaluation (evaluation/in_training.py), logged as downstream."""
     tr, m = cfg.train, cfg.model
     state = state or TrainState()
     step_fn = step_fn or functools.partial(train_step, policy=unsampled_policy(cfg))  # the policy, chosen once
@@ -127,6 +129,9 @@ def train(cfg: Config, st: ParallelState, model: LanguageModel, optimizer: torch
                 rec["extra_val_loss"] = {name: evaluate(model, b, tr.eval_iters, st, precision)
                                          for name, b in extra_valid_batches.items()}
                 log.print("".join(f" {name} loss: {v:.6E} |" for name, v in rec["extra_val_loss"].items()))
+            if downstream is not None:
+                rec["downstream"] = downstream(model)
+                log.print(" downstream:" + "".join(f" {t} acc {r['acc']:.4f} |" for t, r in rec["downstream"].items()))
             log.record(rec)
             state.history.append(rec)
             interval_start += time.perf_counter() - t_eval  # evaluation is not training time

@@ -7,9 +7,13 @@ from typing import Optional, TextIO
 
 
 class MetricsLog:
+    """sinks: objects with record(obj) and close() that get every record too (training/scalar_logs.py:
+    TensorBoard, W&B); only when enabled (rank 0)."""
+
     def __init__(self, path: Optional[str], enabled: bool, append: bool = False):
         self.enabled = enabled
         self.file: Optional[TextIO] = None
+        self.sinks: list = []
         if enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a" if append else "w")
@@ -18,6 +22,9 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(obj) + "\n")
             self.file.flush()
+        if self.enabled:
+            for sink in self.sinks:
+                sink.record(obj)
 
     def print(self, msg: str) -> None:
         if self.enabled:
@@ -26,6 +33,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def format_train_line(r: dict, train_iters: int) -> str:

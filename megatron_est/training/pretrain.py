@@ -15,6 +15,7 @@ from megatron_est.config import Config, ConfigError, validate
 from megatron_est.data.errors import DataError
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
+from megatron_est.evaluation.in_training import downstream_evaluator
 from megatron_est.kernels import configure_kernels
 from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
@@ -24,6 +25,7 @@ from megatron_est.training.checkpointing import setup_checkpointing
 from megatron_est.training.precision import build_precision, configure_model
 from megatron_est.training.loop import TrainState, train
 from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.scalar_logs import build_sinks
 from megatron_est.training.optimizer import build_optimizer
 
 
@@ -108,6 +110,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
     precision = build_precision(cfg.engine, st.device)
     log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
+    log.sinks = build_sinks(cfg, st.rank, st.world_size)  # --tensorboard-dir, --wandb-project
     ds = engine = step_fn = None
     if cfg.engine.deepspeed:  # DeepSpeed ZeRO replaces the optimizer, precision and step (imported only here)
         from megatron_est.training import deepspeed_engine as dse
@@ -126,9 +129,10 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
     extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}
     ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision, engine=engine)
+    downstream = downstream_evaluator(cfg, st, tok, precision)  # --eval-tasks
     state = train(cfg, st, model, optimizer, sampler, train_b, valid_b, log=log,
                   state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn,
-                  extra_valid_batches=extra_b)
+                  extra_valid_batches=extra_b, downstream=downstream)
     ckpt.close()
     if ds is not None:
         ds.destroy()  # before the process group goes: avoids ZeRO-3 aborts at interpreter exit
