@@ -22,8 +22,7 @@ CASES = [
     (["--global-batch-size", "10", "--micro-batch-size", "4"], 1, "--global-batch-size 10 is not divisible"),
     (["--est-tp-strata", "3"], 1, "--est-tp-strata 3"),
     (["--est-unsampled-update", "sgd"], 1, "--est-unsampled-update: unknown value 'sgd'"),
-    (["--est-unsampled-update", "freeze", "--deepspeed"], 1,
-     "--est-unsampled-update freeze is not supported with --deepspeed"),
+    (["--est-unsampled-update", "auto"], 1, "--est-unsampled-update: unknown value 'auto' (freeze or adamw"),
 ]
 
 
