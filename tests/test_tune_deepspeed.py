@@ -10,6 +10,7 @@ import pytest
 
 from megatron_est.arguments import parse_args
 from megatron_est.config import validate
+from megatron_est.planning.dry_run import rank_memory
 from megatron_est.planning.memory import GiB
 from tests.helpers import ROOT
 from tools.tune_deepspeed import main
@@ -37,6 +38,15 @@ def test_gpt2_124m_on_one_node_of_8_x_24_gb(tmp_path, capsys):
     assert conf["train_micro_batch_size_per_gpu"] * conf["gradient_accumulation_steps"] * best.dp == 512
     env = open(tmp_path / "plan.env").read()
     assert f"export TP={best.cand.tp}" in env and f"export MICRO_BATCH={best.cand.micro_batch}" in env
+    # The dry run of the emitted plan (which reads the JSON's buckets) finds the tuner's peak.
+    peaks = [m.peak for stage in cfg_stages(cfg) for m in rank_memory(cfg, 8, stage=stage)]
+    assert max(peaks) == pytest.approx(best.peak, rel=1e-9)
+
+
+def cfg_stages(cfg):
+    from megatron_est.est.build import build_sampler
+
+    return build_sampler(cfg).schedule.stages
 
 
 def test_memory_limit_drops_plans_and_recompute_rescues_them(tmp_path):
