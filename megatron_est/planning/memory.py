@@ -188,12 +188,12 @@ def _forward_temporaries(m: ModelConfig, p: RankParams, shape: StageShape, tp: i
 
 
 def _deepspeed_buckets(p: RankParams, e: EnginePlan) -> float:
-    """ZeRO-1/2's contiguous gradient bucket(s): reduce_bucket_size elements (fp32 for ZeRO-1's accumulator),
-    doubled with overlap_comm; never more than the rank's gradients fill."""
+    """ZeRO-1/2's contiguous gradient bucket(s): reduce_bucket_size elements of the gradients' dtype (the
+    module's: DeepSpeed's grad_accum_dtype defaults to it), doubled with overlap_comm; never more than the rank's
+    gradients fill."""
     if not (e.deepspeed and e.zero_stage in (1, 2)):
         return 0.0
-    dtype = 4 if e.zero_stage == 1 else e.weight_bytes
-    return (2 if e.overlap_comm else 1) * min(e.reduce_bucket_size, p.total) * dtype
+    return (2 if e.overlap_comm else 1) * min(e.reduce_bucket_size, p.total) * e.weight_bytes
 
 
 def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, dp: int, micro_batch: int,
