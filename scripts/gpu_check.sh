@@ -10,16 +10,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0
+smoke=0 any=0  # any: the checks need no GPU (the CPU smoke run, or only listing them)
 [ "${GPU_CHECK_FORCE_CPU:-0}" = 1 ] && smoke=1
-for a in "$@"; do [ "$a" = --cpu-smoke ] && smoke=1; done
+for a in "$@"; do [ "$a" = --cpu-smoke ] && smoke=1; [ "$a" = --list ] && any=1; done
+[ $smoke = 1 ] && any=1
 
 has_cuda() { "$1" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; }
 
 py=""
 if [ -n "${PYTHON:-}" ]; then
   py=$PYTHON
-elif [ $smoke = 1 ]; then
+elif [ $any = 1 ]; then
   [ -x .venv/bin/python ] && py=.venv/bin/python || py=python3
 else
   for cand in .venv/bin/python python3; do
@@ -27,7 +28,7 @@ else
   done
 fi
 
-if [ -z "$py" ] || { [ $smoke = 0 ] && ! has_cuda "$py"; }; then
+if [ -z "$py" ] || { [ $any = 0 ] && ! has_cuda "$py"; }; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: a GPU is present (nvidia-smi) but ${py:-no Python here} has no CUDA torch;" \
          "set PYTHON=/path/to/python (docs/gpu.md)" >&2
