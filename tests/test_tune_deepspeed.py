@@ -49,12 +49,14 @@ def cfg_stages(cfg):
     return build_sampler(cfg).schedule.stages
 
 
-def test_memory_limit_drops_plans_and_recompute_rescues_them(tmp_path):
-    # 1.1B parameters on 4 x 8 x 40 GB: only sharded or recomputed plans fit; every chosen one leaves the margin.
+def test_tinyllama_on_4_x_8_x_40_gb_leaves_the_margin_and_drops_what_does_not_fit(tmp_path, capsys):
     best = main(["--model-preset", "tinyllama-1.1b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory-gib", "40",
-                 "--global-batch-size", "512", "--micro-batch-size", "1", "--est-schedule", "tinyllama-paper",
-                 "--train-iters", "50000", "--out", str(tmp_path), "--top", "3"])
+                 "--global-batch-size", "512", "--est-schedule", "tinyllama-paper", "--train-iters", "50000",
+                 "--out", str(tmp_path), "--top", "3"])
+    out = capsys.readouterr().out
     assert best.peak <= 0.9 * 40 * GiB
+    dropped = int(out.split(" do not fit the memory")[0].rsplit(", ", 1)[1].split()[0])
+    assert dropped > 0 and "closest plans that do not fit" in out
     _accepted(tmp_path, 32)
 
 
