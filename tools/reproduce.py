@@ -23,8 +23,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_est.study.curves import plot_runs, read_curves  # noqa: E402
 from megatron_est.study.plots import plot_curves  # noqa: E402
-from megatron_est.study.report import load_run, paired_table, summary_table, switch_table  # noqa: E402
+from megatron_est.study.report import (downstream_table, load_run, paired_table, summary_table,  # noqa: E402
+                                       switch_table)
 from megatron_est.study.runs import METHODS, Study  # noqa: E402
 
 
@@ -70,12 +72,17 @@ def main(argv: list[str] | None = None) -> dict:
     results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)
     pairs, paired = paired_table(results, study.matched)
+    down, downstream = downstream_table(results)  # training flags with --eval-tasks: zero-shot accuracy
     its = results[0].val_iterations if results else []
     switches = switch_table(results, min((b - a for a, b in zip(its, its[1:])), default=1))
     main_methods = {"baseline", "est", study.matched.get("est")}
     main_runs = [r for r in results if r.method in main_methods]
     plot_curves(main_runs, os.path.join(args.out, "loss_vs_flops.png"), "flops", "validation loss vs training FLOPs")
     plot_curves(main_runs, os.path.join(args.out, "loss_vs_time.png"), "time", "validation loss vs wall-clock")
+    first_seed = [r for r in study.finished if r.method in main_methods and r.seed == args.seeds[0]]
+    if first_seed:  # train and validation loss against iterations, tokens, FLOPs, wall-clock (tools/plot_run.py)
+        plot_runs({r.method: read_curves(os.path.join(args.out, r.name + ".jsonl")) for r in first_seed},
+                  os.path.join(args.out, "loss_curves.png"), title=f"seed {args.seeds[0]}")
     if args.variant:
         first = (args.variant_seeds or args.seeds)[0]
         plot_curves([r for r in results if r.seed == first and r.method.startswith(("est", "baseline"))],
@@ -87,16 +94,22 @@ def main(argv: list[str] | None = None) -> dict:
                 f"Each EST method against its compute-matched control (per-seed differences of final validation "
                 f"loss; negative: EST better):\n\n{pairs}\n\nValidation loss (full model) around each stage switch:\n\n"
                 f"{switches}\n\n"
+                + (f"Zero-shot accuracy at the last evaluation (--eval-tasks):\n\n{down}\n\n" if down else "")
+                + "![loss curves](loss_curves.png)\n"
                 "![loss vs FLOPs](loss_vs_flops.png)\n![loss vs wall-clock](loss_vs_time.png)\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": command, "summary": summary, "paired": paired, "matched": study.matched,
+        json.dump({"command": command, "summary": summary, "paired": paired, "downstream": downstream,
+                   "matched": study.matched,
                    "errors": study.errors,
                    "runs": [{"method": r.method, "seed": r.seed, "final_val_loss": r.final_val_loss,
                              "final_extra_val_loss": r.final_extra, "flops": r.flops,
-                             "train_time_s": r.train_time_s, "stage_starts": r.stage_starts} for r in results]},
+                             "train_time_s": r.train_time_s, "stage_starts": r.stage_starts,
+                             "final_downstream_acc": r.final_downstream} for r in results]},
                   f, indent=1)
     print(table)
     print(pairs)
+    if down:
+        print(down)
     if study.errors:
         print(f"[study] {len(study.errors)} run(s) failed:\n  " + "\n  ".join(study.errors), file=sys.stderr)
         sys.exit(1)

@@ -20,12 +20,14 @@ class RunResult:
     # Last logged iteration before each change of EST stage (exact when --log-interval divides the switch).
     stage_starts: list[int] = field(default_factory=list)
     val_iterations: list[int] = field(default_factory=list)  # iteration of each val_curve point
+    final_downstream: dict[str, float] = field(default_factory=dict)  # task -> accuracy (--eval-tasks)
 
 
 def load_run(path: str, method: str, seed: int) -> RunResult:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     t, last_it, curve, flops, extra, stages, last_stage, iters = 0.0, 0, [], 0, {}, [], None, []
+    downstream: dict = {}
     for r in recs:
         if "lm_loss" in r:
             t += r["interval_time_s"] * (r["iteration"] - last_it)
@@ -37,9 +39,10 @@ def load_run(path: str, method: str, seed: int) -> RunResult:
             curve.append((r["cumulative_flops"], t, r["val_loss"]))
             iters.append(r["iteration"])
             extra = r.get("extra_val_loss", {})
+            downstream = {task: row["acc"] for task, row in r.get("downstream", {}).items()}
     if not curve:
         raise ValueError(f"{path}: no validation loss recorded")
-    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages, iters)
+    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages, iters, downstream)
 
 
 def flops_to_reach(run: RunResult, target: float) -> Optional[int]:
@@ -90,6 +93,22 @@ def summary_table(results: list[RunResult]) -> tuple[str, dict]:
         lines.append(f"| {m} | {len(runs)} | {loss:.4f} ± {sd:.4f} | {extra_txt}{flops:.3e} | "
                      f"{100 * (s['flops_saving'] or 0):.1f}% | {100 * (s['time_saving'] or 0):.1f}% | {reach_txt} |")
     return "\n".join(lines), summary
+
+
+def downstream_table(results: list[RunResult]) -> tuple[str, dict]:
+    """Zero-shot accuracy at the last evaluation (training with --eval-tasks), one row per method and one
+    column per task (mean ± sd over seeds); ("", {}) when no run logged any."""
+    tasks = list(dict.fromkeys(t for r in results for t in r.final_downstream))
+    if not tasks:
+        return "", {}
+    lines = ["| method | seeds | " + " | ".join(f"{t} acc" for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    out = {}
+    for m, runs in _by_method(results).items():
+        accs = {t: [r.final_downstream[t] for r in runs if t in r.final_downstream] for t in tasks}
+        out[m] = {t: dict(zip(("mean", "sd"), _mean_sd(v))) for t, v in accs.items() if v}
+        cells = [f"{out[m][t]['mean']:.4f} ± {out[m][t]['sd']:.4f}" if t in out[m] else "-" for t in tasks]
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), out
 
 
 def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str, dict]:
