@@ -60,7 +60,7 @@ class MPU:
         if st.pp > 1:  # one group per data-parallel rank: all its TP x PP ranks (created by every rank)
             for d in range(st.dp):
                 ranks = [p * st.dp * st.tp + d * st.tp + t for p in range(st.pp) for t in range(st.tp)]
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=st.timeout)  # ours, not torch's default
                 if d == st.dp_rank:
                     self.mp_group = g
 
