@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_est.arguments import parse_args
 from megatron_est.config import validate
@@ -62,7 +63,11 @@ def test_tinyllama_on_4_x_8_x_40_gb_leaves_the_margin_and_drops_what_does_not_fi
 
 @pytest.mark.parametrize("argv,msg", [(["--nodes", "0", "--gpus-per-node", "8", "--gpu-memory-gib", "8"], "--nodes"),
                                       (["--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gib", "1e-6"],
-                                       "no plan fits")])
+                                       "no plan fits"),
+                                      pytest.param(["--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gib", "8",
+                                                    "--precision", "fp16"], "--fp16 under --deepspeed needs a GPU",
+                                                   marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                            reason="refused only without a GPU"))])
 def test_refusals_are_one_line(argv, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main([*argv, *TINY, "--out", str(tmp_path)])

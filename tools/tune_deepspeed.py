@@ -29,11 +29,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.arguments import parse_args  # noqa: E402
-from megatron_est.config import ConfigError  # noqa: E402
+from megatron_est.config import ConfigError, validate  # noqa: E402
 from megatron_est.planning.memory import GiB  # noqa: E402
 from megatron_est.planning.step_time import Cluster  # noqa: E402
-from megatron_est.planning.tuner import (Evaluated, deepspeed_json, describe, explain, plan_flags,  # noqa: E402
-                                         progress_bar, sbatch_env, search)
+from megatron_est.planning.tuner import (Evaluated, candidate_config, candidates, deepspeed_json,  # noqa: E402
+                                         describe, explain, plan_flags, progress_bar, sbatch_env, search)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> Evaluated:
         if cfg.train.global_batch_size is None:
             raise ConfigError("--global-batch-size is required (the tuner splits it over the data-parallel ranks)")
         fit, too_big, refused = search(cfg, cl, args.memory_margin, progress_bar)
+        first = next(candidates(cfg, cl), None)
+        if not fit and not too_big and first is not None:  # every plan refused: training's reason for one
+            validate(candidate_config(cfg, first, cl.world), cl.world)
         if not fit:
             raise ConfigError(f"no plan fits {args.gpu_memory_gib:g} GiB per GPU with --memory-margin "
                               f"{args.memory_margin:g} ({len(too_big)} too big, {refused} refused layouts)")
