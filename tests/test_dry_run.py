@@ -52,7 +52,7 @@ def test_dry_run_prints_counts_flops_and_memory(capsys):
     (["--model-preset", "tinyllama-1.1b", "--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3"),
     (["--model-preset", "tinyllama-1.1b", "--pipeline-model-parallel-size", "4"], "--num-layers 22"),
     (["--world-size", "6", "--tensor-model-parallel-size", "4"], "world size 6"),
-    (["--world-size", "0"], "--world-size"),
+    (["--world-size", "0"], "--world-size must be >= 1, got 0"),
     (["--world-size", "4", "--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size 8"),
 ])
 def test_impossible_layouts_are_refused_with_one_line(argv, flag, capsys):

@@ -39,7 +39,8 @@ class Layout:
 def plan_world_size(cfg: Config) -> int:
     """--world-size, else the smallest world the layout needs (data-parallel size 1)."""
     par = cfg.parallel
-    world = par.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    world = par.world_size if par.world_size is not None else \
+        par.tensor_model_parallel_size * par.pipeline_model_parallel_size
     if world < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world}")
     return world
