@@ -105,11 +105,38 @@ def test_batching_and_truncation_do_not_change_log_likelihoods(exported):
     assert one[1][0] == pytest.approx(expect, abs=1e-4)
 
 
-def test_tool_validation_loss_and_tasks_to_json(exported, tmp_path):
-    ckpt, _, model, tok = exported
+def _valid_prefix(tmp_path) -> str:
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 50257, size=int(n)).tolist() for n in rng.integers(50, 400, size=12)]
-    prefix = write_indexed_dataset(str(tmp_path / "valid_text_document"), docs, np.uint16)
+    return write_indexed_dataset(str(tmp_path / "valid_text_document"), docs, np.uint16)
+
+
+def _direct_ce(model, prefix, cache) -> float:
+    """Mean cross-entropy by hand over the first 4 samples the tool draws (seed 1234, 128 tokens)."""
+    from megatron_est.data.builder import build_train_valid_test_datasets
+
+    ds = build_train_valid_test_datasets(prefix, "0,1,0", 128, 1234, (0, 4, 0), cache, vocab_size=50257)[1]
+    tokens = torch.stack([ds[i]["tokens"] for i in range(4)])
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 50257).double(),
+                                                       tokens[:, 1:].reshape(-1)))
+
+
+def test_tool_random_init_is_the_fresh_model(exported, tmp_path):
+    ckpt = exported[0]
+    prefix, vocab, merges = _valid_prefix(tmp_path), *gpt2_files()
+    out = tool.run(tool._parser().parse_args([
+        "--load", ckpt, "--random-init", "7", "--tasks", "none", "--data-path", prefix, "--eval-iters", "2",
+        "--micro-batch-size", "2", "--data-cache-dir", str(tmp_path / "c"), "--vocab-file", vocab,
+        "--merge-file", merges, "--tokenizer-type", "GPT2BPETokenizer"]))
+    fresh = LanguageModel(exported[2].cfg, seed=7).eval()
+    assert out["validation"][prefix]["loss"] == pytest.approx(_direct_ce(fresh, prefix, str(tmp_path / "c" / "index")),
+                                                              abs=1e-4)
+
+
+def test_tool_validation_loss_and_tasks_to_json(exported, tmp_path):
+    ckpt, _, model, tok = exported
+    prefix = _valid_prefix(tmp_path)
     out = tmp_path / "eval.json"
     vocab, merges = gpt2_files()  # a weights-only checkpoint names no tokenizer: give it
     assert tool.main(["--load", ckpt, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
@@ -118,24 +145,17 @@ def test_tool_validation_loss_and_tasks_to_json(exported, tmp_path):
                       "--batch-size", "4", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["task"] for r in res["tasks"]] == ["arc_easy"] and res["tasks"][0]["n"] == 2
-    # Independent check of the validation loss: the same 4 samples, cross-entropy by hand.
-    from megatron_est.data.builder import build_train_valid_test_datasets
-
-    ds = build_train_valid_test_datasets(prefix, "0,1,0", 128, 1234, (0, 4, 0), str(tmp_path / "cache" / "index"),
-                                         vocab_size=50257)[1]
-    tokens = torch.stack([ds[i]["tokens"] for i in range(4)])
-    with torch.no_grad():
-        ce = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 50257).double(),
-                                               tokens[:, 1:].reshape(-1))
+    ce = _direct_ce(model, prefix, str(tmp_path / "cache" / "index"))  # the same samples, by hand
     v = res["validation"][prefix]
-    assert v["loss"] == pytest.approx(float(ce), abs=1e-4)
-    assert v["perplexity"] == pytest.approx(float(torch.exp(ce)), rel=1e-4)
+    assert v["loss"] == pytest.approx(ce, abs=1e-4)
+    assert v["perplexity"] == pytest.approx(np.exp(ce), rel=1e-4)
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--load", "/no/such/ckpt"], "--load /no/such/ckpt: no such directory"),
     (["--hf-dir", "/tmp", "--tasks", "arc_easy,bogus"], "--tasks: unknown task 'bogus'"),
     (["--hf-dir", "/tmp", "--limit", "0"], "--limit must be >= 1"),
+    (["--hf-dir", "/tmp", "--backend", "hf", "--random-init", "1"], "--random-init needs --backend ours"),
 ])
 def test_tool_refuses_bad_input_in_one_line(argv, needle, capsys):
     assert tool.main(argv) == 2

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-file", default=None)
     p.add_argument("--merge-file", default=None)
+    p.add_argument("--random-init", type=int, default=None, metavar="SEED",
+                   help="evaluate the model's architecture with fresh initial weights drawn with SEED instead of "
+                        "its trained ones: the chance level measured, seed by seed (--backend ours)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--output", default=None, help="JSON file for the results")
     return p
@@ -66,6 +69,8 @@ def _check(args) -> list[str]:
             raise ConfigError(f"{flag} must be >= 1")
     if args.backend == "hf" and args.data_path:
         raise ConfigError("--data-path: validation loss runs on our model; use --backend ours")
+    if args.random_init is not None and args.backend != "ours":
+        raise ConfigError("--random-init needs --backend ours")
     if args.iteration is not None and not args.load:
         raise ConfigError("--iteration needs --load")
     for path, flag in ((args.load, "--load"), (args.hf_dir, "--hf-dir")):
@@ -114,6 +119,10 @@ def run(args) -> dict:
             from megatron_est.evaluation.validation import validation_loss
 
             model, tok = _ours(args)
+            if args.random_init is not None:  # same shapes, training's own initialisation
+                from megatron_est.model.language_model import LanguageModel
+
+                model = LanguageModel(model.cfg, seed=args.random_init).eval()
             seq = args.seq_length or model.cfg.seq_length
             for prefix in args.data_path:
                 out["validation"][prefix] = validation_loss(model, prefix, seq, args.eval_iters,
