@@ -82,3 +82,27 @@ def test_freeze_and_adamw_differ_and_the_restore_matters(dp2, reference):
 def test_zero1_pp2_dp2_freeze_equals_one_process(reference):
     for rank_out in run_distributed(_pp2_dp2_worker, 4):
         assert _close(rank_out[("freeze", "zero1_pp2")], reference["freeze"])
+
+
+@pytest.mark.parametrize("shape,dim", [((12, 5), 0), ((12, 5), 1), ((7,), 0)])
+def test_flat_positions_equal_the_mask(shape, dim):
+    """ZeRO keeps a parameter as a flat region cut anywhere (mid-row too): the frozen positions found from the
+    frozen rows/columns equal those of the whole-parameter mask (Frozen.mask, the definition), region by region,
+    including one that runs into ZeRO-3's padding."""
+    import torch
+
+    from megatron_est.est.unsampled import Frozen
+    from megatron_est.training.deepspeed_unsampled import _flat
+
+    p = torch.nn.Parameter(torch.zeros(shape))
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        index = torch.randperm(shape[dim], generator=g)[: 1 + trial % shape[dim]].sort().values
+        for frozen in (Frozen(dim, index), Frozen(0, None)):
+            total = p.numel()
+            start = int(torch.randint(0, total, (1,), generator=g))
+            numel = int(torch.randint(1, total + 4, (1,), generator=g))  # may run past the end (padding)
+            want = frozen.mask(p.shape).reshape(-1)[start:start + numel].nonzero().squeeze(1)
+            got = _flat(p, frozen, start, numel)
+            got = torch.arange(min(numel, total - start)) if got.index is None else got.index
+            assert torch.equal(got, want), (frozen, start, numel)

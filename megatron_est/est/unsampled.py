@@ -15,7 +15,7 @@ equivalent of per-element step counts; the two differ only while beta2**t is not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -31,30 +31,43 @@ def full_shape(p: torch.nn.Parameter) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)
 
 
-def frozen_masks(model, plan: Optional[ModelPlan]) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """For every parameter of this stage that the plan does not train in full: a bool mask, broadcastable to the
-    parameter, True where an element is outside the subnetwork (all of a skipped layer; the unsampled rows or
-    columns of a sliced weight)."""
+class Frozen(NamedTuple):
+    """The elements of one parameter that a step does not train: indices along `dim`, or all (index None)."""
+    dim: int
+    index: Optional[torch.Tensor]
+
+    def mask(self, shape: torch.Size) -> torch.Tensor:
+        """The same as a bool tensor of the parameter's shape (True: frozen)."""
+        if self.index is None:
+            return torch.ones(shape, dtype=torch.bool)
+        m = torch.zeros(shape[self.dim], dtype=torch.bool)
+        m[self.index.cpu()] = True
+        view = [1] * len(shape)
+        view[self.dim] = -1
+        return m.view(view).expand(shape)
+
+
+def frozen_elements(model, plan: Optional[ModelPlan]) -> dict[torch.nn.Parameter, Frozen]:
+    """Every parameter of this stage that the plan does not train in full, with its frozen elements: all of a
+    skipped layer's, the unsampled rows or columns of a sliced weight."""
     if plan is None:
         return {}
-    masks = {p: torch.ones((1,) * len(full_shape(p)), dtype=torch.bool, device=p.device)
-             for p in model.skipped_parameters(plan)}
+    frozen = {p: Frozen(0, None) for p in model.skipped_parameters(plan)}
     for p, dim, kept in model.trained_slices(plan):
-        m = torch.ones(full_shape(p)[dim], dtype=torch.bool, device=p.device)
-        m[kept] = False
-        shape = [1] * len(full_shape(p))
-        shape[dim] = -1
-        masks[p] = m.view(shape)
-    return masks
+        keep = torch.zeros(full_shape(p)[dim], dtype=torch.bool, device=kept.device)
+        keep[kept] = True
+        frozen[p] = Frozen(dim, (~keep).nonzero().squeeze(1))
+    return frozen
 
 
 @dataclass
 class Fragment:
     """Where an optimizer keeps (part of) one parameter: `tensor` is the tensor it steps (the parameter itself, or
-    a flat partition holding the parameter's elements at `region` = (offset, numel)), `state` its optimizer.state."""
+    a flat partition holding the parameter's elements at `region` = (offset, numel)), `state` its optimizer.state;
+    `frozen` says which elements of the viewed tensor (or region) to hold."""
     tensor: torch.Tensor
     state: dict
-    mask: torch.Tensor  # frozen elements, broadcastable to the viewed region
+    frozen: Frozen
     region: Optional[tuple[int, int]] = None
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,38 +77,49 @@ class Fragment:
         st = self.state.get(self.tensor, {})
         return [self.view(st[k]) for k in _MOMENTS if k in st]
 
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        dim, index = self.frozen
+        return t.clone() if index is None else t.index_select(dim, index.to(t.device))
+
+    def put(self, t: torch.Tensor, values: Optional[torch.Tensor]) -> None:
+        """Write `values` (zeros when None) back into the frozen elements of t."""
+        dim, index = self.frozen
+        if index is None:
+            t.copy_(values) if values is not None else t.zero_()
+        elif values is not None:
+            t.index_copy_(dim, index.to(t.device), values)
+        else:
+            t.index_fill_(dim, index.to(t.device), 0.0)
+
 
 class Hold:
     """The frozen elements of one step: saved at construction (before the optimizer step), written back by
-    restore() (after it). restore() may run several times (ZeRO steps one parameter group at a time)."""
+    restore() (after it; ZeRO steps one parameter group at a time and restores the fragments of each)."""
 
     @torch.no_grad()
     def __init__(self, fragments: list[Fragment]):
         self.fragments = fragments
-        self.saved = [(self._select(f.view(f.tensor), f.mask), [self._select(m, f.mask) for m in f.moments()])
-                      for f in fragments]
-
-    @staticmethod
-    def _select(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return t.masked_select(mask.to(t.device))
+        self.saved = [(f.take(f.view(f.tensor)), [f.take(m) for m in f.moments()]) for f in fragments]
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, which: Optional[Callable[[Fragment], bool]] = None) -> None:
+        """Write the saved elements back (into the fragments `which` accepts: all by default)."""
         for f, (value, moments) in zip(self.fragments, self.saved):
-            mask = f.mask.to(f.tensor.device)
-            f.view(f.tensor).masked_scatter_(mask, value)
+            if which is not None and not which(f):
+                continue
+            f.put(f.view(f.tensor), value)
             now = f.moments()
             if moments:
                 for m, old in zip(now, moments):
-                    m.masked_scatter_(mask, old)
+                    f.put(m, old)
             else:  # the first step created the moments: the frozen elements keep their zero start
                 for m in now:
-                    m.masked_fill_(mask, 0.0)
+                    f.put(m, None)
 
 
-def torch_fragments(optimizer: torch.optim.Optimizer, masks: dict) -> list[Fragment]:
+def torch_fragments(optimizer: torch.optim.Optimizer, frozen: dict) -> list[Fragment]:
     """Fragments for an optimizer that steps the parameters themselves (plain engine, DeepSpeed without ZeRO)."""
-    return [Fragment(p, optimizer.state, m) for p, m in masks.items()]
+    return [Fragment(p, optimizer.state, f) for p, f in frozen.items()]
 
 
 class AdamWUpdate:
@@ -115,12 +139,25 @@ class FreezeUpdate:
     name = "freeze"
 
     def complete_grads(self, params: list[torch.nn.Parameter]) -> None:
-        zero_fill_missing_grads(params)  # every element steps (and counts the step); frozen ones are restored
+        pass  # skipped layers keep grad None: no data-parallel traffic, and step() below handles them
 
     def step(self, optimizer: torch.optim.Optimizer, model, plan: Optional[ModelPlan]) -> None:
-        hold = Hold(torch_fragments(optimizer, frozen_masks(model, plan)))
+        """The same result as stepping everything and writing the frozen elements back (what ZeRO's flat
+        partitions need, training/deepspeed_unsampled.py), cheaper: a skipped parameter that already has
+        optimizer state sits the step out (AdamW skips a None gradient) and only counts it."""
+        frozen = frozen_elements(model, plan)
+        sit_out = [p for p, f in frozen.items() if f.index is None and p.grad is None and optimizer.state.get(p)]
+        for p in sit_out:
+            del frozen[p]
+        for p in frozen:
+            if p.grad is None:  # never stepped yet: let AdamW create its state, then write it back
+                p.grad = torch.zeros_like(p)
+        hold = Hold(torch_fragments(optimizer, frozen))
         optimizer.step()
         hold.restore()
+        for p in sit_out:  # torch's AdamW counts per tensor; FusedAdam counts per group, for every tensor
+            if "step" in optimizer.state[p]:
+                optimizer.state[p]["step"] += 1
 
 
 def unsampled_policy(cfg: Config):

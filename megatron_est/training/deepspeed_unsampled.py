@@ -1,7 +1,7 @@
 """Parameters outside the step's subnetwork under DeepSpeed: their gradients inside ZeRO's buffers, and
 --est-unsampled-update freeze (est/unsampled.py), the same algorithm as the plain engine's.
 
-freeze: the frozen elements of a step (est.unsampled.frozen_masks) are found in the optimizer's own fp32 copies
+freeze: the frozen elements of a step (est.unsampled.frozen_elements) are found in the optimizer's own fp32 copies
 and written back right after each step of the base optimizer, before DeepSpeed copies its fp32 partitions into
 the module's weights (so bf16/fp16 weights follow).
 
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_est.est.unsampled import Fragment, Hold, frozen_masks, full_shape, torch_fragments
+from megatron_est.est.unsampled import Fragment, Frozen, Hold, frozen_elements, full_shape, torch_fragments
 from megatron_est.model.plan import ModelPlan
 
 
@@ -58,7 +58,7 @@ def frozen_during_step(run, module, plan: Optional[ModelPlan]):
     """Around the engine.step() that ends an optimizer step: under freeze, the plan's frozen elements are
     held and written back inside it (run.freeze is None under adamw)."""
     if run.freeze is not None:
-        run.freeze.hold(frozen_masks(module, plan))
+        run.freeze.hold(frozen_elements(module, plan))
     try:
         yield
     finally:
@@ -66,37 +66,49 @@ def frozen_during_step(run, module, plan: Optional[ModelPlan]):
             run.freeze.release()
 
 
-def _flat_mask(param: torch.nn.Parameter, mask: torch.Tensor, start: int, numel: int) -> torch.Tensor:
-    """Elements [start, start + numel) of the flattened mask (False beyond the parameter: ZeRO-3 padding)."""
-    flat = mask.expand(full_shape(param)).reshape(-1)
-    end = min(start + numel, flat.numel())
-    part = flat[start:end] if start < end else flat[:0]
-    if part.numel() < numel:
-        part = torch.cat([part, torch.zeros(numel - part.numel(), dtype=torch.bool, device=part.device)])
-    return part
+def _flat(param: torch.nn.Parameter, frozen: Frozen, start: int, numel: int) -> Frozen:
+    """The frozen elements among [start, start + numel) of the flattened parameter, as flat indices into that
+    region (positions beyond the parameter, ZeRO-3's padding, are never frozen). Computed from the frozen rows or
+    columns without building a mask of the whole parameter."""
+    shape = full_shape(param)
+    total = shape.numel()
+    if frozen.index is None:
+        return frozen if start + numel <= total else Frozen(0, torch.arange(max(0, total - start)))
+    index = frozen.index.cpu()
+    cols = shape[1] if len(shape) == 2 else 1
+    first, last = start // cols, (min(start + numel, total) - 1) // cols  # rows the region touches
+    if len(shape) == 1:
+        pos = index
+    elif frozen.dim == 0:
+        rows = index[(index >= first) & (index <= last)]
+        pos = (rows[:, None] * cols + torch.arange(cols)).reshape(-1)
+    else:
+        pos = (torch.arange(first, last + 1)[:, None] * cols + index[None, :]).reshape(-1)
+    pos = pos[(pos >= start) & (pos < start + numel)] - start
+    return Frozen(0, pos.to(frozen.index.device))
 
 
-def _zero12_fragments(zero, base, masks: dict) -> list[Fragment]:
+def _zero12_fragments(zero, base, frozen: dict) -> list[Fragment]:
     groups = getattr(zero, "bit16_groups", None) or zero.bf16_groups
     flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
     group_of = {id(p): i for i, group in enumerate(groups) for p in group}
     out = []
-    for p, mask in masks.items():
+    for p, f in frozen.items():
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:  # none of this parameter's elements are in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        out.append(Fragment(flats[group_of[id(p)]], base.state, _flat_mask(p, mask, lp.start, lp.numel),
+        out.append(Fragment(flats[group_of[id(p)]], base.state, _flat(p, f, lp.start, lp.numel),
                             (hp.start, hp.numel)))
     return out
 
 
-def _zero3_fragments(zero, base, masks: dict, dp_rank: int) -> list[Fragment]:
+def _zero3_fragments(zero, base, frozen: dict, dp_rank: int) -> list[Fragment]:
     out = []
-    for p, mask in masks.items():
+    for p, f in frozen.items():
         group, offset, numel = zero.grad_position[zero.get_param_id(p)]
         out.append(Fragment(zero.fp32_partitioned_groups_flat[group], base.state,
-                            _flat_mask(p, mask, dp_rank * p.partition_numel(), numel), (offset, numel)))
+                            _flat(p, f, dp_rank * p.partition_numel(), numel), (offset, numel)))
     return out
 
 
@@ -112,21 +124,23 @@ class DeepSpeedFreeze:
         for opt in {id(o): o for o in (self.base, getattr(self.zero, "backup_optimizer", None)) if o}.values():
             opt.register_step_post_hook(self._restore)
 
-    def _fragments(self, masks: dict) -> list[Fragment]:
+    def _fragments(self, frozen: dict) -> list[Fragment]:
         if self.stage == 3:
-            return _zero3_fragments(self.zero, self.base, masks, self.dp_rank)
+            return _zero3_fragments(self.zero, self.base, frozen, self.dp_rank)
         if self.base is self.zero:  # no ZeRO and no DeepSpeed bf16 optimizer: the parameters themselves
-            return torch_fragments(self.base, masks)
-        return _zero12_fragments(self.zero, self.base, masks)
+            return torch_fragments(self.base, frozen)
+        return _zero12_fragments(self.zero, self.base, frozen)
 
-    def hold(self, masks: dict) -> None:
+    def hold(self, frozen: dict) -> None:
         """Call after the step's last backward, right before engine.step()."""
-        self.current = Hold(self._fragments(masks)) if masks else None
+        self.current = Hold(self._fragments(frozen)) if frozen else None
 
     def release(self) -> None:
         """Call after engine.step()."""
         self.current = None
 
-    def _restore(self, *_) -> None:
+    def _restore(self, optimizer, *_) -> None:
+        """After a base-optimizer step: write back the fragments of the flat partitions it just stepped."""
         if self.current is not None:
-            self.current.restore()
+            stepped = {id(t) for g in optimizer.param_groups for t in g["params"]}
+            self.current.restore(lambda f: id(f.tensor) in stepped)
