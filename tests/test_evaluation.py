@@ -103,6 +103,14 @@ def test_batching_and_truncation_do_not_change_log_likelihoods(exported):
     n = len(reqs[1][2])
     expect = sum(float(logp[len(whole) - 1 - n + i, whole[len(whole) - n + i]]) for i in range(n))
     assert one[1][0] == pytest.approx(expect, abs=1e-4)
+    # A continuation longer than the window: its last 128 tokens, all predicted inside the window.
+    cont = tok.encode(long_ctx)[:200]
+    whole = (tok.encode("Hi") + cont)[-129:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), -1)
+    expect = sum(float(logp[i, whole[i + 1]]) for i in range(128))
+    got = MegatronLM(model, tok, show_progress=False)._loglikelihood_tokens([(None, tok.encode("Hi"), cont)])[0][0]
+    assert got == pytest.approx(expect, abs=1e-4)
 
 
 def _valid_prefix(tmp_path) -> str:

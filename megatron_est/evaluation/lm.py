@@ -73,9 +73,11 @@ class MegatronLM(TemplateLM):
         logp = torch.log_softmax(logits.float(), dim=-1)
         results = []
         for row, ((_, _, cont), x) in enumerate(zip(batch, inputs)):
-            n = len(cont)
+            # A continuation longer than the window (a long PIQA solution under a small vocabulary) is scored
+            # on the tokens the window predicts, its last max_length; lm-eval's HF model does not handle it.
+            n = min(len(cont), len(x))
             rows = logp[row, len(x) - n:len(x)]
-            target = torch.tensor(cont, dtype=torch.long, device=device)
+            target = torch.tensor(cont[len(cont) - n:], dtype=torch.long, device=device)
             total = rows.gather(-1, target[:, None]).sum()
             results.append((float(total), bool((rows.argmax(-1) == target).all())))
         return results
