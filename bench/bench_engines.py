@@ -92,8 +92,8 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
-    from megatron_est.config import (CheckpointConfig, Config, EngineConfig, ESTConfig, ModelConfig,
-                                     ParallelConfig, TrainConfig, validate)
+    from megatron_est.config import (CheckpointConfig, Config, EngineConfig, ESTConfig, ModelConfig, ParallelConfig, TrainConfig)
+    from megatron_est.validation import validate
     from megatron_est.est.build import build_sampler
     from megatron_est.model.build import build_model
     from megatron_est.parallel.state import ParallelState, build_groups

@@ -86,7 +86,7 @@ def _train(flags: list[str], world: int, rank: int) -> int:
     import torch.distributed as dist
 
     from megatron_est.arguments import parse_args
-    from megatron_est.config import validate
+    from megatron_est.validation import validate
     from megatron_est.est.build import build_sampler
     from megatron_est.model.build import build_model
     from megatron_est.parallel.state import ParallelState, build_groups
@@ -160,7 +160,7 @@ def estimated(flags: list[str], world: int) -> tuple[list[float], float | None]:
     """The memory model's peak (device + host) per pipeline stage for the measured steps, and DeepSpeed's own
     estimate of the model states per GPU (estimate_zero2/3_model_states_mem_needs, ZeRO rows only)."""
     from megatron_est.arguments import parse_args
-    from megatron_est.config import validate
+    from megatron_est.validation import validate
     from megatron_est.planning.dry_run import rank_memory
     from megatron_est.planning.memory import engine_plan
     from megatron_est.planning.params import rank_params

@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import free_port  # noqa: E402
-from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, model_preset, stage_ranges  # noqa: E402
+from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, model_preset  # noqa: E402
+from megatron_est.parallel.partition import stage_ranges  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.flops import stage_step_flops  # noqa: E402
 from megatron_est.model.build import build_model  # noqa: E402

@@ -104,7 +104,7 @@ def run_deepspeed(cfg: Config, st: ParallelState, hooks=None) -> dict:
     """Like run_plain, through the DeepSpeed engine (cfg.engine.deepspeed with --zero-stage or a JSON)."""
     import gc
 
-    from megatron_est.config import validate
+    from megatron_est.validation import validate
     from megatron_est.training import deepspeed_engine as dse
 
     validate(cfg, st.world_size)  # resolves the DeepSpeed JSON / derived config

@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 
-from megatron_est.config import ConfigError, validate
+from megatron_est.config import ConfigError
+from megatron_est.validation import validate
 from megatron_est.training import deepspeed_pipeline
 from tests.engine_harness import make_cfg, parallel_state, run_deepspeed, run_plain
 from tests.helpers import run_distributed

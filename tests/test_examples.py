@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from megatron_est.arguments import parse_args
-from megatron_est.config import ConfigError, validate
+from megatron_est.config import ConfigError
+from megatron_est.validation import validate
 from megatron_est.training.deepspeed_config import resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_est.config import Config, stage_ranges
+from megatron_est.config import Config
+from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.build import build_sampler
 from megatron_est.parallel import p2p
 from megatron_est.parallel.p2p import StageP2P

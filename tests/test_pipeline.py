@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, stage_ranges, validate
+from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig
+from megatron_est.parallel.partition import stage_ranges
+from megatron_est.validation import validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.flops import stage_step_flops, step_flops
 from megatron_est.est.sampler import Subnetwork

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from megatron_est.config import Config, ConfigError, ESTConfig, ModelConfig, TrainConfig, model_preset, validate
+from megatron_est.config import Config, ConfigError, ESTConfig, ModelConfig, TrainConfig, model_preset
+from megatron_est.validation import validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import format_schedule
 from megatron_est.est.savings import saving, schedule_flops

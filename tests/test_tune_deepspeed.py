@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_est.arguments import parse_args
-from megatron_est.config import validate
+from megatron_est.validation import validate
 from megatron_est.planning.dry_run import rank_memory
 from megatron_est.planning.memory import GiB
 from tests.helpers import ROOT

@@ -86,7 +86,8 @@ def test_adamw_mode_moves_unsampled_parameters(family):
 
 
 def test_freeze_is_the_default_everywhere_and_auto_is_gone():
-    from megatron_est.config import ConfigError, EngineConfig, ParallelConfig, validate
+    from megatron_est.config import ConfigError, EngineConfig, ParallelConfig
+    from megatron_est.validation import validate
 
     assert ESTConfig().unsampled_update == "freeze"
     for cfg, world in ((Config(model=tiny("gpt2", num_layers=4)), 1),

@@ -6,7 +6,7 @@
         --train-iters 10000 --global-batch-size 1024
 
 Takes the training flags (model, batch, EST, parallel layout with --world-size N) and refuses what training
-refuses (config.validate). Counting rule: docs/est.md. Each stage's step FLOPs come in closed form from the keep
+refuses (validation.validate). Counting rule: docs/est.md. Each stage's step FLOPs come in closed form from the keep
 counts training samples with (megatron_est/est/stage_flops.py), so any --train-iters is instant and the figure
 equals the run's logged cumulative saving (an expectation only under --no-est-stratified with grouped queries,
 where the KV heads used vary from step to step: the table marks such stages).
@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.arguments import parse_args  # noqa: E402
-from megatron_est.config import ConfigError, validate  # noqa: E402
+from megatron_est.config import ConfigError  # noqa: E402
+from megatron_est.validation import validate  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
 from megatron_est.est.savings import saving  # noqa: E402

@@ -5,7 +5,7 @@
         --seq-length 2048 --global-batch-size 512 --est-schedule tinyllama-paper --train-iters 50000 --out plan/
 
 Every other flag is a training flag (model, batch, EST schedule, precision: --bf16 is the default here). Plans
-that training refuses are dropped (config.validate), then those whose estimated peak leaves less than
+that training refuses are dropped (validation.validate), then those whose estimated peak leaves less than
 --memory-margin of the GPU free (planning/memory.py, for every EST stage and pipeline stage); the rest are
 ranked by estimated time to train the schedule (planning/step_time.py: FLOPs at --mfu of --peak-tflops, ZeRO,
 TP and PP traffic over --intra-node-gbps / --inter-node-gbps, the 1F1B bubble). Writes to --out:
@@ -29,7 +29,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.arguments import parse_args  # noqa: E402
-from megatron_est.config import ConfigError, validate  # noqa: E402
+from megatron_est.config import ConfigError  # noqa: E402
+from megatron_est.validation import validate  # noqa: E402
 from megatron_est.planning.memory import GiB  # noqa: E402
 from megatron_est.planning.step_time import Cluster  # noqa: E402
 from megatron_est.planning.tuner import (Evaluated, candidate_config, candidates, deepspeed_json,  # noqa: E402

@@ -39,7 +39,7 @@ def _to_local(name: str, first: int) -> str:
 def stage_layer_ranges(cfg: Config) -> list[tuple[int, int]]:
     """Layer range of each pipeline stage, as training builds them."""
     try:
-        from megatron_est.config import stage_ranges
+        from megatron_est.parallel.partition import stage_ranges
     except ImportError:
         stage_ranges = None
     if stage_ranges is not None:
@@ -298,7 +298,7 @@ def import_hf(hf_dir: str, save_root: str, tp: int = 1, pp: int = 1, make_vocab_
     full = {k: (v.to(_DTYPES[dtype]) if dtype else v.float()) for k, v in full.items()}
     cfg = Config(model=model_cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                                           pipeline_model_parallel_size=pp))
-    from megatron_est.config import validate
+    from megatron_est.validation import validate
 
     validate(cfg, tp * pp)
     return cfg, write_weights_checkpoint(save_root, cfg, full, 0, source=os.path.abspath(hf_dir))
@@ -309,7 +309,7 @@ def reshard(root: str, save_root: str, tp: int, pp: int, iteration: Optional[int
     model_cfg, full, _ = merge_checkpoint(root, iteration)
     cfg = Config(model=model_cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                                           pipeline_model_parallel_size=pp))
-    from megatron_est.config import validate
+    from megatron_est.validation import validate
 
     validate(cfg, tp * pp)
     return write_weights_checkpoint(save_root, cfg, full, 0, source=os.path.abspath(root))

@@ -1,7 +1,8 @@
 """Build the per-step sampler from the configuration and the parallel layout."""
 from __future__ import annotations
 
-from megatron_est.config import Config, stage_ranges
+from megatron_est.config import Config
+from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.fit import fit_schedule
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
 from megatron_est.est.schedule import Schedule, parse_schedule

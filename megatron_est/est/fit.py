@@ -19,7 +19,7 @@ _DRAWS = 8  # draws per stage: one suffices when keep counts fix the FLOPs; unst
 
 
 def check_target(target: float, schedule: Schedule) -> None:
-    """The refusals that need no FLOPs counting (config.validate calls this before any data is read)."""
+    """The refusals that need no FLOPs counting (validation.validate calls this before any data is read)."""
     if not 0.0 < target < 1.0:
         raise ConfigError(f"{FLAG} must lie in (0, 1), got {target:g}")
     if not schedule.enabled:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_est.config import Config, stage_ranges
+from megatron_est.config import Config
+from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.flops import head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_est.est.sampler import SubnetworkSampler, keep_count
 from megatron_est.est.savings import StageFlops

@@ -1,7 +1,8 @@
 """Build this rank's part of the model: its pipeline stage's layers, tensor-parallel shards of each."""
 from __future__ import annotations
 
-from megatron_est.config import Config, stage_ranges
+from megatron_est.config import Config
+from megatron_est.parallel.partition import stage_ranges
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_est.config import ConfigError
+from megatron_est.config import Config, ConfigError
 
 FIRST_FLAG = "--decoder-first-pipeline-num-layers"
 LAST_FLAG = "--decoder-last-pipeline-num-layers"
@@ -45,3 +45,10 @@ def stage_layer_ranges(num_layers: int, pp: int, first: Optional[int] = None,
 
 def is_even(ranges: tuple[tuple[int, int], ...]) -> bool:
     return len({end - start for start, end in ranges}) == 1
+
+
+def stage_ranges(cfg: Config) -> tuple[tuple[int, int], ...]:
+    """[start, end) layer range of every pipeline stage of a run (ConfigError when the layers do not split)."""
+    par = cfg.parallel
+    return stage_layer_ranges(cfg.model.num_layers, par.pipeline_model_parallel_size,
+                              par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)

@@ -1,7 +1,7 @@
 """--dry-run: check a plan and print what it costs, without weights, data or a process group.
 
 For --world-size N (default: TP x PP, data-parallel size 1) it validates the layout exactly as training does
-(config.validate), builds every (TP, PP) rank's model on the meta device (planning/params.py), and prints the
+(validation.validate), builds every (TP, PP) rank's model on the meta device (planning/params.py), and prints the
 parameter counts (total, per rank, embedding and LM head apart), tokens per step, each EST stage's FLOPs per
 step (whole model and per pipeline stage, closed form: est/stage_flops.py), the schedule's saving, and the
 per-rank memory estimate of every EST stage (planning/memory.py).
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_est.config import Config, ConfigError, validate
+from megatron_est.config import Config, ConfigError
+from megatron_est.validation import validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.est.savings import saving

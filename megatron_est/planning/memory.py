@@ -220,7 +220,7 @@ def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int,
 
 
 def engine_plan(cfg) -> EnginePlan:
-    """The EnginePlan of a validated Config (config.validate resolves a DeepSpeed JSON's stage and precision;
+    """The EnginePlan of a validated Config (validation.validate resolves a DeepSpeed JSON's stage and precision;
     the JSON's bucket size, overlap and offload keys are read here)."""
     import json
 

@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import torch
 
-from megatron_est.config import Config, ModelConfig, stage_ranges
+from megatron_est.config import Config, ModelConfig
+from megatron_est.parallel.partition import stage_ranges
 from megatron_est.parallel.state import ParallelState
 
 

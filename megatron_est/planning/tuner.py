@@ -1,5 +1,5 @@
 """Search DeepSpeed plans (ZeRO stage, TP, PP, micro-batch, recompute, offload) for a cluster: drop those that
-training refuses (config.validate) or that do not fit in GPU memory (planning/memory.py, every EST stage and
+training refuses (validation.validate) or that do not fit in GPU memory (planning/memory.py, every EST stage and
 pipeline stage), rank the rest by the estimated time to train the whole schedule (planning/step_time.py)."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from megatron_est.config import Config, ConfigError, validate
+from megatron_est.config import Config, ConfigError
+from megatron_est.validation import validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape
 from megatron_est.planning.memory import GiB, EnginePlan, estimate

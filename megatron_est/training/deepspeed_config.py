@@ -152,7 +152,7 @@ def _refuse_bf16_optimizer(conf: dict, src: str, pp: int) -> None:
 
 
 def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> None:
-    """Up-front refusals for --deepspeed (called from config.validate)."""
+    """Up-front refusals for --deepspeed (called from validation.validate)."""
     if not deepspeed_installed():
         raise ConfigError("--deepspeed: DeepSpeed is not installed (pip install deepspeed, or drop --deepspeed "
                           "to use the plain torch engine)")

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_est.arguments import parse_args
-from megatron_est.config import Config, ConfigError, validate
+from megatron_est.config import Config, ConfigError
+from megatron_est.validation import validate
 from megatron_est.data.errors import DataError
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
