@@ -32,7 +32,7 @@ def _sigterm_at(step_to_signal: int, rank_to_signal: int, rank: int):
 
 
 def _resume_worker(rank, world, tp, pp, ckdir):
-    cfg = make_cfg(tp=tp, pp=pp)
+    cfg = make_cfg(tp=tp, pp=pp, unsampled="freeze")  # the default mode
     st = parallel_state(rank, world, cfg)
     full = run_plain(cfg, st)  # uninterrupted reference
     # Interrupted: saves every 2 iterations (keeping 2), SIGTERM on one rank during iteration 5.
@@ -51,6 +51,15 @@ def resumed(tmp_path_factory):
     """TP=2 x PP=2 x DP=2 (8 ranks): uninterrupted, interrupted by SIGTERM, resumed."""
     ckdir = str(tmp_path_factory.mktemp("ckpt_tp2_pp2_dp2"))
     return ckdir, run_distributed(_resume_worker, 8, 2, 2, ckdir)
+
+
+def test_tp2_pp2_dp2_freeze_equals_one_process(resumed):
+    """Default flags (freeze) and fixed strata: TP2 x PP2 x DP2 trains the one-process loss curve."""
+    from megatron_est.parallel.state import ParallelState
+
+    one = run_plain(make_cfg(unsampled="freeze"), ParallelState())["losses"]
+    for r in resumed[1]:
+        assert all(abs(r["full"]["losses"][it] - one[it]) <= 1e-5 * abs(one[it]) for it in one)
 
 
 def test_resume_gives_identical_losses_tp2_pp2_dp2(resumed):

@@ -9,7 +9,7 @@ away from the plain engine's freeze curve: the check can fail.
 import pytest
 
 from megatron_est.parallel.state import ParallelState
-from tests.engine_harness import make_cfg, parallel_state, run_deepspeed, run_plain
+from tests.engine_harness import make_cfg, parallel_state, run_deepspeed, run_plain, with_checkpoint
 from tests.helpers import run_distributed
 
 pytest.importorskip("deepspeed")
@@ -20,7 +20,7 @@ def _ds(mode: str, **engine):
     return make_cfg(unsampled=mode, engine={"deepspeed": True, **engine})
 
 
-def _dp2_worker(rank, world):
+def _dp2_worker(rank, world, ckdir):
     import megatron_est.training.deepspeed_unsampled as dsu
 
     cfg = make_cfg()
@@ -29,6 +29,10 @@ def _dp2_worker(rank, world):
     for mode in MODES:
         for stage in (0, 1, 2, 3):
             out[(mode, f"zero{stage}")] = run_deepspeed(_ds(mode, zero_stage=stage), st)["losses"]
+    # Resume under freeze (ZeRO-3): stop after iteration 4, resume to 8, in DeepSpeed's checkpoint format.
+    z3 = _ds("freeze", zero_stage=3)
+    out["first"] = run_deepspeed(with_checkpoint(z3, save=ckdir, exit_interval=4), st)["losses"]
+    out["second"] = run_deepspeed(with_checkpoint(z3, save=ckdir, load=ckdir), st)["losses"]
     out[("freeze", "zero3_offload")] = run_deepspeed(_ds("freeze", zero_stage=3, offload_optimizer=True),
                                                      st)["losses"]
     restore = dsu.DeepSpeedFreeze._restore
@@ -52,8 +56,8 @@ def reference() -> dict:
 
 
 @pytest.fixture(scope="module")
-def dp2() -> list[dict]:
-    return run_distributed(_dp2_worker, 2)
+def dp2(tmp_path_factory) -> list[dict]:
+    return run_distributed(_dp2_worker, 2, str(tmp_path_factory.mktemp("z3_freeze")))
 
 
 def _close(got: dict, ref: dict) -> bool:
@@ -65,6 +69,13 @@ def _close(got: dict, ref: dict) -> bool:
 def test_zero_dp2_equals_one_process(dp2, reference, mode, stage):
     for rank_out in dp2:
         assert _close(rank_out[(mode, f"zero{stage}")], reference[mode]), (mode, stage)
+
+
+def test_zero3_freeze_resumes_bitwise(dp2):
+    for rank_out in dp2:
+        full = rank_out[("freeze", "zero3")]
+        assert sorted(rank_out["first"]) == [1, 2, 3, 4] and sorted(rank_out["second"]) == [5, 6, 7, 8]
+        assert {**rank_out["first"], **rank_out["second"]} == full  # bitwise, every iteration
 
 
 def test_zero3_offload_freeze_equals_one_process(dp2, reference):
