@@ -7,6 +7,7 @@ from __future__ import annotations
 from megatron_est.config import Config, ConfigError
 from megatron_est.est.fit import check_target
 from megatron_est.est.schedule import parse_schedule
+from megatron_est.parallel.layout import Layout
 from megatron_est.parallel.partition import is_even, stage_ranges
 from megatron_est.training.deepspeed_config import check_deepspeed
 
@@ -20,14 +21,11 @@ def validate(cfg: Config, world_size: int) -> None:
     """Refuse invalid combinations up front (before any process group exists), one line naming the flags."""
     m, par, tr, est = cfg.model, cfg.parallel, cfg.train, cfg.est
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _require(par.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     _require(par.world_size is None or par.world_size == world_size,
              f"--world-size {par.world_size} disagrees with the launcher's world size {world_size}")
-    _require(world_size % (tp * pp) == 0,
-             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-             f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+    layout = Layout.of(world_size, tp, pp)  # refuses sizes < 1 and a world that does not split
+    dp = layout.dp
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     _require(m.num_attention_heads % m.num_query_groups == 0,
@@ -46,7 +44,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _require(m.seq_length <= m.max_position_embeddings,
              f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
     _require(m.position_embedding != "rope" or m.head_dim % 2 == 0, "rotary embeddings need an even head size")
-    gbs = tr.global_batch_size or tr.micro_batch_size * dp
+    gbs = layout.global_batch(tr)
     _require(tr.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
     _require(gbs % (tr.micro_batch_size * dp) == 0,
              f"--global-batch-size {gbs} is not divisible by --micro-batch-size {tr.micro_batch_size} x "

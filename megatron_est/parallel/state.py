@@ -1,6 +1,5 @@
-"""Process groups in Megatron's order: tensor-parallel innermost, then data-parallel, then pipeline.
-
-global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+"""Process groups in Megatron's order: tensor-parallel innermost, then data-parallel, then pipeline (the rank
+arithmetic is parallel/layout.py's), and the launch environment (torchrun, one process per Slurm task).
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_est.config import ConfigError
+from megatron_est.parallel.layout import Layout
 
 DEFAULT_TIMEOUT_MINUTES = 10.0  # Megatron's --distributed-timeout-minutes default (ParallelConfig's too)
 
@@ -34,16 +34,20 @@ class ParallelState:
     timeout: datetime.timedelta = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
 
     @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, dp=self.dp, pp=self.pp)
+
+    @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp
+        return self.layout.coords(self.rank)["tp"]
 
     @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return self.layout.coords(self.rank)["dp"]
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.layout.coords(self.rank)["pp"]
 
     @property
     def is_first_stage(self) -> bool:
@@ -55,7 +59,7 @@ class ParallelState:
 
     def stage_rank(self, pp_rank: int) -> int:
         """Global rank of this rank's counterpart (same dp and tp position) on pipeline stage pp_rank."""
-        return pp_rank * self.tp * self.dp + self.dp_rank * self.tp + self.tp_rank
+        return self.layout.rank(tp=self.tp_rank, dp=self.dp_rank, pp=pp_rank)
 
 
 SINGLE = ParallelState()
@@ -86,15 +90,6 @@ def export_launch_env() -> tuple[int, int, int]:
     rank, world, local_rank = env_rank_and_world()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     return rank, world, local_rank
-
-
-def check_world_factorization(world_size: int, tp: int, pp: int) -> int:
-    """Return the data-parallel size, or refuse a world size that does not factor into TP x PP x DP."""
-    if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
-        raise ConfigError(
-            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not divide the "
-            f"world size {world_size}")
-    return world_size // (tp * pp)
 
 
 def _default_backend() -> str:
@@ -141,7 +136,7 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
     rank, world, local_rank = export_launch_env()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    dp = check_world_factorization(world, tp, pp)
+    dp = Layout.of(world, tp, pp).dp
     backend = backend or _default_backend()
     device = _cuda_device(local_rank) if backend == "nccl" else torch.device("cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -164,17 +159,13 @@ def _own_group(st: ParallelState, rank_lists: list[list[int]]) -> Optional[dist.
 
 def build_groups(st: ParallelState) -> ParallelState:
     """Every rank creates every group in the same order, as new_group requires."""
-    tp, pp, dp = st.tp, st.pp, st.dp
-    assert st.world_size == tp * pp * dp
-
-    def r(p: int, d: int, t: int) -> int:
-        return p * dp * tp + d * tp + t
-
-    st.tp_group = _own_group(st, [[r(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)])
-    st.dp_group = _own_group(st, [[r(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)])
-    st.pp_group = _own_group(st, [[r(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)])
-    if pp > 1:  # first and last stage of each (data, tensor) position: the tied word embedding's two copies
-        st.embd_group = _own_group(st, [[r(0, d, t), r(pp - 1, d, t)] for d in range(dp) for t in range(tp)])
+    layout = st.layout
+    assert st.world_size == layout.world_size
+    st.tp_group = _own_group(st, layout.groups(["tp"]))
+    st.dp_group = _own_group(st, layout.groups(["dp"]))
+    st.pp_group = _own_group(st, layout.groups(["pp"]))
+    if st.pp > 1:  # first and last stage of each (data, tensor) position: the tied word embedding's two copies
+        st.embd_group = _own_group(st, [[g[0], g[-1]] for g in layout.groups(["pp"])])
     return st
 
 

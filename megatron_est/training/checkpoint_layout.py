@@ -13,7 +13,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_est.config import Config, ConfigError
-from megatron_est.parallel.state import ParallelState
+from megatron_est.parallel.layout import Layout
+from megatron_est.parallel.state import ParallelState, env_rank_and_world
 
 CHECKPOINT_VERSION = 1
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -157,19 +158,18 @@ def check_compatible(cfg: Config, meta: dict, root: str) -> None:
         raise ConfigError(f"--load {root}: checkpoint was written by the {saved_engine} engine, this run uses the "
                           f"{engine} engine (export it with tools/convert_checkpoint.py and import it)")
     if engine == "deepspeed" and not meta.get("weights_only"):
-        if meta.get("parallel", {}).get("data_parallel_size") != _current_dp(cfg):
+        if meta.get("parallel", {}).get("data_parallel_size") != _current_layout(cfg).dp:
             raise ConfigError(f"--load {root}: DeepSpeed ZeRO checkpoint saved at data-parallel size "
-                              f"{meta['parallel'].get('data_parallel_size')}, this run has {_current_dp(cfg)}")
+                              f"{meta['parallel'].get('data_parallel_size')}, this run has {_current_layout(cfg).dp}")
     gbs = meta.get("global_batch_size")
-    ours_gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * _current_dp(cfg)
+    ours_gbs = _current_layout(cfg).global_batch(cfg.train)
     if gbs is not None and gbs != ours_gbs and not cfg.checkpoint.finetune and not meta.get("weights_only"):
         raise ConfigError(f"--load {root}: checkpoint was trained with --global-batch-size {gbs}, this run uses "
                           f"{ours_gbs} (the data position would not resume; use --finetune to restart)")
 
 
-def _current_dp(cfg: Config) -> int:
+def _current_layout(cfg: Config) -> Layout:
+    """This run's layout, from the process group when it exists, else from the launcher's environment."""
     par = cfg.parallel
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-    return max(1, world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else env_rank_and_world()[1]
+    return Layout.of(world, par.tensor_model_parallel_size, par.pipeline_model_parallel_size)

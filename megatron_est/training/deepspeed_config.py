@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_est.config import Config, ConfigError
+from megatron_est.parallel.layout import Layout
 
 DERIVED_FILE = "deepspeed_config.json"
 
@@ -64,8 +65,9 @@ def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
     """The DeepSpeed config dict this run hands to deepspeed.initialize (refusing contradictions)."""
     e, tr = cfg.engine, cfg.train
     mbs = tr.micro_batch_size
-    gbs = tr.global_batch_size or mbs * dp
-    gas = gbs // (mbs * dp)
+    layout = Layout(tp=tp, dp=dp, pp=pp)
+    gbs = layout.global_batch(tr)
+    gas = layout.micro_batches(tr)
     path = e.deepspeed_config
     conf = copy.deepcopy(read_user_json(path)) if path else {}
     src = f"--deepspeed_config {path}" if path else "derived config"

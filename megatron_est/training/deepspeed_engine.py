@@ -58,10 +58,9 @@ class MPU:
         self.st = st
         self.mp_group = st.tp_group
         if st.pp > 1:  # one group per data-parallel rank: all its TP x PP ranks (created by every rank)
-            for d in range(st.dp):
-                ranks = [p * st.dp * st.tp + d * st.tp + t for p in range(st.pp) for t in range(st.tp)]
+            for ranks in st.layout.groups(["tp", "pp"]):
                 g = dist.new_group(ranks, timeout=st.timeout)  # ours, not torch's default
-                if d == st.dp_rank:
+                if st.rank in ranks:
                     self.mp_group = g
 
     def get_model_parallel_rank(self) -> int:
@@ -151,8 +150,7 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
         if path and log is not None:
             log.print(f"> DeepSpeed config derived from the flags written to {path}")
     if st.pp > 1:
-        gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * st.dp
-        ds_config = deepspeed_pipeline.adapt_config(ds_config, gbs // (cfg.train.micro_batch_size * st.dp), log)
+        ds_config = deepspeed_pipeline.adapt_config(ds_config, st.layout.micro_batches(cfg.train), log)
         deepspeed_pipeline.mark_params_for_norm(model, st)
     else:
         for p in model.parameters():  # DeepSpeed's own marker for tensor-parallel shards (gradient norms)

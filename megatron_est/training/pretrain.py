@@ -75,7 +75,7 @@ def build_data(cfg: Config, st: pstate.ParallelState):
         data_path, default_model = default_corpus.prepare_default_corpus(d.cache_dir)
         tok_model = tok_model or default_model
     tok = tokenizers.build_tokenizer(d.tokenizer_type, tok_model, d.vocab_file, d.merge_file)
-    gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
+    gbs = st.layout.global_batch(tr)
     n_samples = (tr.train_iters * gbs, tr.eval_iters * gbs, 0)
     index_dir = os.path.join(d.cache_dir, "index")
     wait_s = cfg.parallel.distributed_timeout_minutes * 60  # how long the other ranks wait for rank 0's build
@@ -105,7 +105,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
     validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
     resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
-    gbs = tr.global_batch_size or tr.micro_batch_size * st.dp
+    gbs = st.layout.global_batch(tr)
     model = build_model(cfg, st)  # this rank's pipeline stage
     configure_model(cfg, model)  # activation recompute, apex switch
     optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
