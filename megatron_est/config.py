@@ -126,6 +126,9 @@ class TrainConfig:
     eval_iters: int = 10
     metrics_file: Optional[str] = None
     num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU
+    # --dry-run: check the plan and print its parameters, FLOPs and memory per rank (planning/dry_run.py), then
+    # exit: no data, no weights, no process group (--world-size N plans N ranks).
+    dry_run: bool = False
     # Observability (training/scalar_logs.py): TensorBoard event files, and W&B when wandb is installed
     # (offline unless WANDB_MODE says otherwise).
     tensorboard_dir: Optional[str] = None

@@ -76,3 +76,29 @@ def test_tinyllama_tp2_pp2_dp16_in_seconds_and_under_1_gb():
     assert proc.returncode == 0, proc.stderr
     assert "parameters: 1,100,048,384 in all" in proc.stdout
     assert cpu_s < 10 and after.ru_maxrss < 2 ** 20  # ru_maxrss in KiB: under 1 GiB (the largest child so far)
+
+
+def test_entry_points_take_dry_run_before_any_process_group(monkeypatch, capsys):
+    from megatron_est.parallel import state as pstate
+    from megatron_est.training.pretrain import main as pretrain_main
+
+    monkeypatch.setattr(pstate, "initialize", lambda *a, **k: pytest.fail("process groups were built"))
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(["--dry-run", "--model-preset", "tinyllama-1.1b", "--world-size", "16",
+                       "--tensor-model-parallel-size", "2"], default_preset="llama-tiny")
+    assert e.value.code == 0 and "parameters: 1,100,048,384 in all" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(["--dry-run", "--model-preset", "tinyllama-1.1b", "--tensor-model-parallel-size", "3"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == ""
+    assert out.err.strip().splitlines() == ["error: --num-attention-heads 32 is not divisible by "
+                                            "--tensor-model-parallel-size 3"]
+
+
+def test_pretrain_llama_dry_run_from_the_command_line():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_llama.py"), "--dry-run", "--model-preset",
+                           "tinyllama-1.1b", "--world-size", "64", "--tensor-model-parallel-size", "2",
+                           "--pipeline-model-parallel-size", "2"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "world 64 = TP 2 x PP 2 x DP 16" in proc.stdout and "1,100,048,384" in proc.stdout

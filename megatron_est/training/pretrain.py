@@ -160,6 +160,10 @@ def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
          description: str = "Pretrain a language model with Evolving Subnetwork Training") -> TrainState:
     try:
         cfg = parse_args(argv, description, default_preset)
+        if cfg.train.dry_run:  # plan only (planning/dry_run.py): a bad plan raises ConfigError, one line below
+            from megatron_est.planning.dry_run import dry_run
+
+            sys.exit(dry_run(cfg))
         _, world, _ = pstate.env_rank_and_world()
         validate(cfg, world)
         precheck_load(cfg)  # a --load without any checkpoint: refused before data or process groups
