@@ -2,7 +2,7 @@
 
 Megatron's: "lm loss" (also "vs samples"), "learning-rate", "batch-size", "grad-norm", "loss-scale",
 "iteration-time" (seconds), "throughput" (TFLOP/s per GPU, from the FLOPs actually run), "lm loss validation",
-"lm loss validation ppl" (also "vs samples"). Ours: "lm loss vs tokens", "est/step-flops",
+"lm loss validation ppl". Ours: "lm loss vs tokens", "est/step-flops",
 "est/full-step-flops", "est/flops-saved-so-far" (fraction), "est/stage", "est/kept-layers",
 "est/kept-heads-fraction", "est/kept-mlp-fraction", "<name> lm loss validation" for each held-out set,
 "downstream/<task> <metric>" for in-training zero-shot tasks. Steps are iterations unless the tag says "vs".
@@ -34,8 +34,6 @@ def scalars(rec: dict, world_size: int = 1) -> list[tuple[str, float, int]]:
     if "val_loss" in rec:
         v = float(rec["val_loss"])
         out += [("lm loss validation", v, it), ("lm loss validation ppl", math.exp(min(v, 80.0)), it)]
-        if "consumed_samples" in rec:
-            out.append(("lm loss validation vs samples", v, rec["consumed_samples"]))
     out += [(f"{name} lm loss validation", float(v), it) for name, v in rec.get("extra_val_loss", {}).items()]
     out += [(f"downstream/{task} {metric}", float(v), it) for task, row in rec.get("downstream", {}).items()
             for metric, v in row.items() if isinstance(v, (int, float)) and not metric.endswith("stderr")]
