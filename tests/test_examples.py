@@ -162,3 +162,26 @@ def test_deepspeed_json_trains_like_the_plain_engine():
         for name in JSONS:
             for it in range(1, 9):
                 assert abs(r[name]["losses"][it] - r["plain_bf16"]["losses"][it]) < 0.05, (name, it)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_sbatch_launches_the_tuners_plan(script, tmp_path, capsys):
+    """Plan -> launch in one step: PLAN=DIR makes a script launch exactly what tools/tune_deepspeed.py chose,
+    and a plan tuned for another number of nodes is refused with one line."""
+    from tools.tune_deepspeed import main as tune
+
+    preset = {"gpt2-tiny": "gpt2-124m", "llama-tiny": "tinyllama-1.1b"}[SCRIPTS[script]]
+    best = tune(["--model-preset", preset, "--nodes", str(NODES), "--gpus-per-node", str(GPUS),
+                 "--gpu-memory-gib", "24", "--global-batch-size", "512", "--train-iters", "1000",
+                 "--out", str(tmp_path)])
+    capsys.readouterr()
+    args = script_args(script, PLAN=str(tmp_path))
+    cfg = parse_args(args, "x", SCRIPTS[script])
+    validate(cfg, NODES * GPUS)  # reads the plan's DeepSpeed JSON too
+    assert cfg.engine.deepspeed_config == str(tmp_path / "ds_config.json")
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+            cfg.train.micro_batch_size) == (best.cand.tp, best.cand.pp, best.cand.micro_batch)
+    other = subprocess.run(["bash", os.path.join(SLURM_DIR, script)], capture_output=True, text=True, timeout=60,
+                           env=_script_env(DRY_RUN="1", PLAN=str(tmp_path), SLURM_NNODES="4"))
+    assert other.returncode == 1 and other.stderr.strip().splitlines() == [
+        f"error: PLAN={tmp_path} was tuned for {NODES} nodes but this job has 4: sbatch --nodes={NODES}"]
