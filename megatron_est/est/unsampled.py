@@ -2,17 +2,17 @@
 object chosen per run, the same algorithm in every engine (plain torch, DeepSpeed ZeRO 0-3) and layout.
 
 "adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay.
-"freeze" (the default): they and their AdamW moments are left exactly as
-they were. Every element takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, and the
-elements the step's plan did not train (the model says which: LanguageModel.trained_slices and
-skipped_parameters) get their value and moments written back right after the optimizer's update. Done on the
-optimizer's own copy (a ZeRO flat fp32 partition, or the parameter itself), so bf16/fp16 weights follow.
+"freeze" (the default): they and their AdamW moments are left exactly as they were. Defined as: every element
+takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, and the elements the step's plan
+did not train (the model says which: LanguageModel.trained_slices and skipped_parameters) get their value and
+moments written back right after the optimizer's update, in the optimizer's own copy (a ZeRO flat fp32
+partition, or the parameter itself), so bf16/fp16 weights follow. The plain engine gets the same result more
+cheaply: a skipped layer sits the step out and only counts it.
 Step counts: AdamW's bias correction uses one step count per tensor (per flat partition under ZeRO), which
 advances every step for every element, trained or not: 1 - beta**t with the global step t. This is our documented
 equivalent of per-element step counts; the two differ only while beta2**t is not negligible (about the first
 100 steps at beta2 = 0.95), when a frozen element's moments are still mostly their zero start.
-"""
-from __future__ import annotations
+"""from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
