@@ -184,3 +184,33 @@ def test_result_rows_give_closed_form_standard_errors():
     rows = result_rows(res)
     assert rows[0]["acc_stderr"] == pytest.approx((0.6 * 0.4 / 9) ** 0.5)
     assert "| piqa | 10 | 0.6000 ± 0.1633 | - | - | 0.5 |" in format_table(rows)
+
+
+class _Ids:
+    """A stand-in tokenizer: the scoring below starts from token ids; only the end-of-document id is read."""
+    eod = 0
+
+
+def _tp_scores(rank, world, family):
+    from megatron_est.parallel.state import ParallelState, build_groups
+
+    st = build_groups(ParallelState(world, rank, tp=world, pp=1, dp=1))
+    return _score_ids(LanguageModel(tiny(family, seq_length=32), st, seed=4).eval())
+
+
+def _score_ids(model):
+    g = torch.Generator().manual_seed(1)
+    reqs = [(None, torch.randint(1, 250, (n,), generator=g).tolist(), torch.randint(1, 250, (m,), generator=g).tolist())
+            for n, m in ((5, 3), (30, 6), (12, 1), (40, 2))]  # the last one is cut to the 32-token window
+    return MegatronLM(model, _Ids(), batch_size=3, show_progress=False)._loglikelihood_tokens(reqs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_tensor_parallel_ranks_score_like_one_process(family):
+    """Under TP=2 (gloo) every rank scores the requests itself; it gets the one-process figures."""
+    from tests.helpers import run_distributed
+
+    one = _score_ids(LanguageModel(tiny(family, seq_length=32), seed=4).eval())
+    for rank_scores in run_distributed(_tp_scores, 2, family):
+        for (a, ga), (b, gb) in zip(rank_scores, one):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
