@@ -12,7 +12,8 @@ Step counts: AdamW's bias correction uses one step count per tensor (per flat pa
 advances every step for every element, trained or not: 1 - beta**t with the global step t. This is our documented
 equivalent of per-element step counts; the two differ only while beta2**t is not negligible (about the first
 100 steps at beta2 = 0.95), when a frozen element's moments are still mostly their zero start.
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
