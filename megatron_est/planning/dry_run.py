@@ -8,7 +8,6 @@ per-rank memory estimate of every EST stage (planning/memory.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
@@ -18,23 +17,9 @@ from megatron_est.est.savings import saving
 from megatron_est.est.schedule import Stage
 from megatron_est.est.stage_flops import (StageShape, closed_form_flops, pipeline_stage_flops, stage_shape,
                                           step_flops_closed)
+from megatron_est.parallel.layout import Layout
 from megatron_est.planning.memory import GiB, MemoryEstimate, engine_plan, estimate
 from megatron_est.planning.params import all_rank_params, model_parameters, rank_params
-
-
-@dataclass(frozen=True)
-class Layout:
-    world: int
-    tp: int
-    pp: int
-    dp: int
-    micro_batch: int
-    global_batch: int
-
-    @property
-    def n_micro(self) -> int:
-        """Micro-batches per data-parallel rank and step (gradient accumulation)."""
-        return self.global_batch // (self.micro_batch * self.dp)
 
 
 def plan_world_size(cfg: Config) -> int:
@@ -51,23 +36,18 @@ def checked_layout(cfg: Config) -> Layout:
     """Validate as training does (ConfigError, one line naming the flag) and return the plan's layout."""
     world = plan_world_size(cfg)
     validate(cfg, world)
-    par, tr = cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = world // (tp * pp)
-    return Layout(world, tp, pp, dp, tr.micro_batch_size, tr.global_batch_size or tr.micro_batch_size * dp)
+    return Layout.of(world, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
 
 
 def rank_memory(cfg: Config, world: int, iteration: int = 0, stage: Stage | None = None) -> list[MemoryEstimate]:
     """Memory estimate of TP rank 0 on every pipeline stage, for the EST stage of `iteration` (or `stage`)."""
-    par, tr = cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = world // (tp * pp)
-    gbs = tr.global_batch_size or tr.micro_batch_size * dp
+    tr = cfg.train
+    lay = Layout.of(world, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     sampler = build_sampler(cfg)
     shape = stage_shape(cfg, sampler, stage or sampler.schedule.stage_at(iteration))
     e = engine_plan(cfg)
-    return [estimate(cfg.model, rank_params(cfg, 0, p), shape, tp, pp, dp, tr.micro_batch_size,
-                     gbs // (tr.micro_batch_size * dp), e) for p in range(pp)]
+    return [estimate(cfg.model, rank_params(cfg, 0, p), shape, lay.tp, lay.pp, lay.dp, tr.micro_batch_size,
+                     lay.micro_batches(tr), e) for p in range(lay.pp)]
 
 
 def _gib(x: float) -> str:
@@ -94,7 +74,7 @@ def _stage_lines(cfg: Config, lay: Layout, shapes: list[tuple[int, Stage, StageS
     for idx, st, shape in shapes:
         flops = step_flops_closed(cfg, shape, tokens)
         per_pp = " / ".join(f"{f:.3e}" for f in pipeline_stage_flops(cfg, shape, tokens))
-        mem = rank_memory(cfg, lay.world, stage=st)
+        mem = rank_memory(cfg, lay.world_size, stage=st)
         mems = " / ".join(_gib(m.peak) + (f" (+{_gib(m.host)} host)" if m.host else "") for m in mem)
         mark = "" if shape.exact else " (expected)"
         out.append(f"| {idx} | {st.p_heads:g},{st.p_mlp:g},{st.p_layers:g} | {flops:.4e}{mark} | "
@@ -107,14 +87,15 @@ def report(cfg: Config) -> list[str]:
     lay = checked_layout(cfg)
     m, tr = cfg.model, cfg.train
     sampler = build_sampler(cfg)
-    tokens = lay.global_batch * m.seq_length
+    tokens = lay.global_batch(tr) * m.seq_length
     e = engine_plan(cfg)
     engine = "plain torch engine" if not e.deepspeed else f"DeepSpeed ZeRO-{e.zero_stage}" + (
         " + optimizer offload" if e.offload_optimizer else "")
     out = [f"dry run: {m.family} {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
            f"({m.num_query_groups} KV), vocabulary {m.padded_vocab_size}, seq {m.seq_length}",
-           f"layout: world {lay.world} = TP {lay.tp} x PP {lay.pp} x DP {lay.dp}; micro-batch {lay.micro_batch}, "
-           f"global batch {lay.global_batch} ({lay.n_micro} micro-batches per rank and step); {engine}, "
+           f"layout: world {lay.world_size} = TP {lay.tp} x PP {lay.pp} x DP {lay.dp}; micro-batch "
+           f"{tr.micro_batch_size}, global batch {lay.global_batch(tr)} ({lay.micro_batches(tr)} micro-batches per "
+           f"rank and step); {engine}, "
            f"{e.precision}, recompute {e.recompute or 'off'}"]
     out += _param_lines(cfg, lay)
     out.append(f"tokens per step: {tokens:,}")

@@ -13,6 +13,7 @@ import torch
 
 from megatron_est.config import Config, ModelConfig
 from megatron_est.parallel.partition import stage_ranges
+from megatron_est.parallel.layout import Layout
 from megatron_est.parallel.state import ParallelState
 
 
@@ -35,9 +36,9 @@ class RankParams:
 
 
 def _state(world: int, tp: int, pp: int, tp_rank: int, pp_rank: int) -> ParallelState:
-    dp = world // (tp * pp)
-    rank = pp_rank * dp * tp + tp_rank  # data-parallel rank 0 of this (tp, pp) position
-    return ParallelState(world, rank, tp, pp, dp, device=torch.device("meta"))
+    layout = Layout.of(world, tp, pp)
+    rank = layout.rank(tp=tp_rank, pp=pp_rank)  # data-parallel rank 0 of this (tp, pp) position
+    return ParallelState(world, rank, tp, pp, layout.dp, device=torch.device("meta"))
 
 
 @lru_cache(maxsize=256)
