@@ -89,6 +89,7 @@ def _train(flags: list[str], world: int, rank: int) -> int:
     from megatron_est.validation import validate
     from megatron_est.est.build import build_sampler
     from megatron_est.model.build import build_model
+    from megatron_est.parallel.layout import Layout
     from megatron_est.parallel.state import ParallelState, build_groups
     from megatron_est.training.batches import MicroBatches, RandomTokens
     from megatron_est.training.loop import train
@@ -100,7 +101,7 @@ def _train(flags: list[str], world: int, rank: int) -> int:
     validate(cfg, world)
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    st = build_groups(ParallelState(world, rank, tp, pp, world // (tp * pp)))
+    st = build_groups(ParallelState(world, rank, tp, pp, Layout.of(world, tp, pp).dp))
     gbs = cfg.train.global_batch_size
     batches = MicroBatches(RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=256), gbs,
                            cfg.train.micro_batch_size, st.dp, st.dp_rank)

@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import free_port  # noqa: E402
 from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, model_preset  # noqa: E402
+from megatron_est.parallel.layout import Layout  # noqa: E402
 from megatron_est.parallel.partition import stage_ranges  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.flops import stage_step_flops  # noqa: E402
@@ -74,7 +75,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    st = build_groups(ParallelState(world, rank, tp, pp, world // (tp * pp)))
+    st = build_groups(ParallelState(world, rank, tp, pp, Layout.of(world, tp, pp).dp))
     runs = {}
     for name, (schedule, stratified) in VARIANTS.items():
         cfg = _config(args, tp, pp, schedule, stratified)

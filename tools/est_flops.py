@@ -20,24 +20,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_est.arguments import parse_args  # noqa: E402
 from megatron_est.config import ConfigError  # noqa: E402
-from megatron_est.validation import validate  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
 from megatron_est.est.savings import saving  # noqa: E402
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape  # noqa: E402
-from megatron_est.planning.dry_run import plan_world_size  # noqa: E402
+from megatron_est.planning.dry_run import checked_layout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:
     try:
         cfg = parse_args(argv, __doc__.splitlines()[0], "gpt2-124m")
-        validate(cfg, plan_world_size(cfg))
+        layout = checked_layout(cfg)  # validates as training does, at --world-size
         sampler = build_sampler(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     tr, m = cfg.train, cfg.model
-    gbs = tr.global_batch_size or tr.micro_batch_size
+    gbs = layout.global_batch(tr)
     stages = closed_form_flops(cfg, sampler, tr.train_iters, gbs * m.seq_length)
     print(f"model {m.family} {m.num_layers}L h{m.hidden_size} seq {m.seq_length} vocab {m.padded_vocab_size}; "
           f"schedule {describe_schedule(cfg.est, sampler.schedule)!r}; "

@@ -197,6 +197,7 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
         lr = learning_rate(cfg.train, step)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
+    norm0 = None  # the norm we measure where DeepSpeed reports none
     if st.pp > 1:
         loss_sum = deepspeed_pipeline.pipelined_step(run, batches, step, plan, st, timer)
     else:
@@ -207,7 +208,6 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
             loss = engine(tokens[:, :-1], tokens[:, 1:], plan).float().mean()
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps and averages over DP
             loss_sum += loss.detach() / n
-            norm0 = None
             if m < n - 1:
                 engine.step()  # not yet the accumulation boundary: DeepSpeed only counts the micro-batch
                 continue
@@ -218,7 +218,7 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
             with frozen_during_step(run, module, plan):
                 engine.step()
     norm = engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else (norm0 if st.pp == 1 and norm0 is not None else float("nan"))
+    norm = float(norm) if norm is not None else (norm0 if norm0 is not None else float("nan"))
     if st.dp > 1:
         dist.all_reduce(loss_sum, group=st.dp_group)
         loss_sum /= st.dp

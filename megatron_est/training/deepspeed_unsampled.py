@@ -117,7 +117,7 @@ class DeepSpeedFreeze:
     on the base optimizer restores them after every base step (ZeRO steps one group at a time)."""
 
     def __init__(self, engine, stage: int, dp_rank: int):
-        self.engine, self.stage, self.dp_rank = engine, stage, dp_rank
+        self.stage, self.dp_rank = stage, dp_rank
         self.zero = engine.optimizer
         self.base = getattr(self.zero, "optimizer", self.zero)  # the torch optimizer that does the update
         self.current: Optional[Hold] = None
