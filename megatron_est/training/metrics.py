@@ -10,12 +10,17 @@ class MetricsLog:
     """sinks: objects with record(obj) and close() that get every record too (training/scalar_logs.py:
     TensorBoard, W&B); only when enabled (rank 0)."""
 
-    def __init__(self, path: Optional[str], enabled: bool, append: bool = False):
+    def __init__(self, path: Optional[str], enabled: bool, append: bool = False,
+                 keep_through: Optional[int] = None):
+        """keep_through: the iteration a run resumes from; records logged after it (by the killed run, past its
+        last checkpoint) are dropped before appending, so each iteration appears once."""
         self.enabled = enabled
         self.file: Optional[TextIO] = None
         self.sinks: list = []
         if enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if append and keep_through is not None:
+                truncate_records(path, keep_through)
             self.file = open(path, "a" if append else "w")
 
     def record(self, obj: dict) -> None:
@@ -36,6 +41,26 @@ class MetricsLog:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def truncate_records(path: str, keep_through: int) -> None:
+    """Drop the records of a JSON-lines metrics file with iteration > keep_through, and any line a kill cut
+    short; rewritten through a temporary file and os.replace, so a second kill leaves the old or the new file."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            if not isinstance(rec, dict) or rec.get("iteration", 0) <= keep_through:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def format_train_line(r: dict, train_iters: int) -> str:

@@ -110,7 +110,8 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     configure_model(cfg, model)  # activation recompute, apex switch
     optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
     precision = build_precision(cfg.engine, st.device)
-    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None)
+    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None,
+                     keep_through=None if resume is None else resume[1])  # drop records past the checkpoint
     log.sinks = build_sinks(cfg, st.rank, st.world_size)  # --tensorboard-dir, --wandb-project
     ds = engine = step_fn = None
     if cfg.engine.deepspeed:  # DeepSpeed ZeRO replaces the optimizer, precision and step (imported only here)
