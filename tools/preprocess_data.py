@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,8 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _interrupt(signum, frame):
+    """SIGTERM / SIGHUP (a scheduler's time limit, a closed terminal) end the run like Ctrl-C: preprocess()
+    then removes its temporary cache and half-written files before the process exits."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         result = preprocess(
             args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.vocab_file,
@@ -55,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("preprocess_data.py: interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"preprocess_data.py: interrupted ({name}); no output written, temporary files removed",
+              file=sys.stderr)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
     skipped = f", {result.skipped_empty} empty skipped" if result.skipped_empty else ""
     for key, prefix in result.prefixes.items():
         print(f"{key}: {prefix}.bin / {prefix}.idx")

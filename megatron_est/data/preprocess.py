@@ -3,6 +3,12 @@
 The `datasets` library reads the input (memory-mapped Arrow, any size); worker processes tokenize batches of
 documents and return compact token arrays; the main process streams them into the .bin in input order. The
 output is {output_prefix}_{key}_document.bin/.idx per JSON key, as Megatron names it.
+
+Nothing is left behind: an error or an interrupt (tools/preprocess_data.py turns SIGTERM and SIGHUP into one)
+removes the temporary Arrow cache and the half-written .bin/.idx. A run killed outright (SIGKILL, a node lost)
+cannot clean up, so each run first removes what such a run left in its output folder: cache folders named
+.hf-cache-HOST-PID-* whose process is gone from this host, and, when no live run owns a cache folder there,
+the writers' temporary files of this run's own output prefixes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -205,11 +212,15 @@ def preprocess(
     dtype = smallest_token_dtype(tokenizer.vocab_size)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    hf_cache = tempfile.mkdtemp(prefix=".hf-cache-", dir=out_dir)  # the Arrow copy of the input, removed after
     prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
-    writers = {k: IndexedDatasetWriter(p, dtype) for k, p in prefixes.items()}
+    remove_stale_files(out_dir, prefixes.values())
+    # the Arrow copy of the input, removed after; host and pid in the name tell a later run whether it is stale
+    hf_cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=out_dir)
+    writers: dict[str, IndexedDatasetWriter] = {}
     documents = skipped = 0
     try:
+        for k, p in prefixes.items():  # inside the try: an interrupt now still aborts the ones made
+            writers[k] = IndexedDatasetWriter(p, dtype)
         ds = load_documents(paths, json_keys, text_sample_by, hf_cache)
         bar = _progress_bar(len(ds), progress)
         for encoded in _encoded_batches(ds, batch_size, workers, tokenizer, tokenizer_args, list(json_keys), append_eod, dtype.str):
@@ -235,6 +246,49 @@ def preprocess(
         shutil.rmtree(hf_cache, ignore_errors=True)
     tokens = sum(w.num_tokens for w in writers.values())
     return PreprocessResult(prefixes, documents, tokens, time.perf_counter() - start, skipped, paths)
+
+
+_CACHE_PREFIX = ".hf-cache-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _cache_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a cache folder this module made (.hf-cache-HOST-PID-random), None for any other name."""
+    parts = name[len(_CACHE_PREFIX):].rsplit("-", 2)
+    if not name.startswith(_CACHE_PREFIX) or len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def remove_stale_files(out_dir: str, prefixes) -> list[str]:
+    """Remove what a killed run left in out_dir (see the module docstring); returns the paths removed."""
+    host, removed, live_run = socket.gethostname(), [], False
+    for name in os.listdir(out_dir):
+        owner = _cache_owner(name)
+        if owner is None:
+            continue
+        if owner[0] == host and not _alive(owner[1]):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+            removed.append(os.path.join(out_dir, name))
+        else:
+            live_run = True  # running here, or on another host: its temporary files may be in use
+    if not live_run:
+        for prefix in prefixes:  # IndexedDatasetWriter's temporaries: .{base}.XXXX.bin.tmp / .idx.tmp
+            base = os.path.basename(prefix)
+            for path in glob.glob(os.path.join(out_dir, glob.escape(f".{base}.") + "*.tmp")):
+                if path.endswith((".bin.tmp", ".idx.tmp")):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
 
 
 def _write_batch(writer: IndexedDatasetWriter, flat: np.ndarray, lengths: np.ndarray) -> None:
