@@ -68,3 +68,32 @@ def test_switch_table_by_hand():
     est = RunResult("est", 0, 2.2, 0, 0.0, [(0, 0.0, 3.5), (0, 0.0, 2.9), (0, 0.0, 2.2)], {}, [10], [5, 10, 15])
     assert switch_table([base, est], 5).splitlines()[2] == \
         "| est-s0 | 10 | 2.9000 (2.5000) | 2.2000 (2.0000) | -0.7000 (-0.5000) |"
+
+
+@pytest.mark.slow  # three short trainings, 4 processes: about 20 s
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    """A run stopped part-way (here by --exit-interval, as a kill between checkpoints would leave it) is not
+    marked done; launching it again resumes at its checkpoint, and the result equals an uninterrupted run's."""
+    from megatron_est.study.runs import baseline_run, checkpoint_dir, launch
+
+    train = [*TRAIN, "--train-iters", "20", "--data-cache-dir", str(tmp_path / "cache")]
+    out, ref = str(tmp_path / "study"), str(tmp_path / "ref")
+    os.makedirs(out), os.makedirs(ref)
+    run = baseline_run(train, 0)
+    with pytest.raises(RuntimeError, match="stopped at iteration 10 of 20"):
+        launch(baseline_run([*train, "--exit-interval", "10"], 0), out, "pretrain_gpt.py")
+    assert not os.path.exists(os.path.join(out, run.name + ".done"))
+    assert os.path.isdir(checkpoint_dir(out, run))
+    launch(run, out, "pretrain_gpt.py")
+    launch(run, ref, "pretrain_gpt.py")
+    assert "loaded checkpoint" in open(os.path.join(out, run.name + ".log")).read()
+    assert "loaded checkpoint" not in open(os.path.join(ref, run.name + ".log")).read()
+    assert not os.path.exists(checkpoint_dir(out, run))  # a finished run deletes its checkpoints
+
+    def losses(folder):
+        recs = [json.loads(line) for line in open(os.path.join(folder, run.name + ".jsonl"))]
+        return [(r["iteration"], r["lm_loss"]) for r in recs if "lm_loss" in r]
+
+    got, want = losses(out), losses(ref)
+    assert [i for i, _ in got] == list(range(1, 21))
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6)

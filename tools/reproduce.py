@@ -9,8 +9,9 @@ Flags after `--` are training flags (pretrain_gpt.py's; --script pretrain_llama.
 (a) the full model ("baseline", --est-schedule none), (b) EST (the given schedule) and (c) the full model for as
 many FLOPs as the EST run logged ("control-i<N>": N iterations, its LR schedule ending at its own last step).
 Each --variant "NAME=FLAGS" adds an EST run "est-NAME" with FLAGS appended (on --variant-seeds) and its own
-compute-matched control; variants of equal FLOPs share one. Finished runs are skipped, so an interrupted study
-resumes. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
+compute-matched control; variants of equal FLOPs share one. Finished runs are skipped and an interrupted run
+resumes from its last checkpoint (every 5% of its iterations, in OUT/.cache/ckpt/, git-ignored; deleted when
+the run finishes), so a study stopped at any moment continues where it was. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
 OUT/results.md (tables, command), results.json and plots.
 """
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Plan and launch the study's training runs, one subprocess each, resumable (finished runs are skipped).
+"""Plan and launch the study's training runs, one subprocess each, resumable: finished runs are skipped, and an
+interrupted run resumes from its last checkpoint (every CHECKPOINT_FRACTION of its iterations, under
+OUT/.cache/ckpt/<run>/, which .gitignore's `.cache/` keeps out of git; deleted when the run finishes).
 
 Methods: "baseline" (full model), "est" and "est-<variant>" (EST with extra flags), and "control-i<N>": the full
 model for N iterations, N chosen so that it costs the FLOPs an EST run actually logged, with its own LR schedule
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,8 +18,10 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional
 
 METHODS = ("baseline", "est", "control")
+CHECKPOINT_FRACTION = 0.05  # of a run's iterations between checkpoints: a kill loses at most this much
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -51,27 +56,62 @@ def control_iters(metrics_file: str) -> int:
     return max(1, round(last["cumulative_flops"] / last["full_step_flops"]))
 
 
+def checkpoint_dir(out_dir: str, run: Run) -> str:
+    return os.path.join(out_dir, ".cache", "ckpt", run.name)
+
+
+def train_iters(run: Run) -> Optional[int]:
+    """The run's --train-iters (the last one given wins, as in argparse); None: the preset's."""
+    iters = [run.argv[i + 1] for i, a in enumerate(run.argv[:-1]) if a == "--train-iters"]
+    return int(iters[-1]) if iters else None
+
+
+def checkpoint_flags(run: Run, ckpt: str) -> list[str]:
+    """--save/--load to one folder (a fresh start while it holds no checkpoint), saved every
+    CHECKPOINT_FRACTION of the run's iterations."""
+    flags = ["--save", ckpt, "--load", ckpt, "--keep-last", "1"]
+    iters = train_iters(run)
+    if iters:
+        flags += ["--save-interval", str(max(1, round(iters * CHECKPOINT_FRACTION)))]
+    return flags
+
+
+def last_train_iteration(metrics_file: str) -> int:
+    if not os.path.exists(metrics_file):
+        return 0
+    with open(metrics_file) as f:
+        return max((json.loads(line)["iteration"] for line in f if '"lm_loss"' in line), default=0)
+
+
 def launch(run: Run, out_dir: str, script: str) -> dict:
-    """Train one run unless its .done marker exists; returns the marker's content."""
+    """Train one run unless its .done marker exists; returns the marker's content. An interrupted run resumes
+    from its checkpoint; the trainer then drops the metrics it logged after that checkpoint."""
     done = os.path.join(out_dir, run.name + ".done")
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
     metrics = os.path.join(out_dir, run.name + ".jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)  # an interrupted run starts over; MetricsLog would otherwise append to it
-    cmd = [sys.executable, os.path.join(ROOT, script), *run.argv, "--metrics-file", metrics]
+    ckpt = checkpoint_dir(out_dir, run)
+    cmd = [sys.executable, os.path.join(ROOT, script), *run.argv, "--metrics-file", metrics,
+           *checkpoint_flags(run, ckpt)]
     print(f"[study] start {run.name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    with open(os.path.join(out_dir, run.name + ".log"), "w") as log:
+    with open(os.path.join(out_dir, run.name + ".log"), "a") as log:  # "a": a resumed run keeps its earlier log
+        log.write(f"[study] {time.strftime('%Y-%m-%d %H:%M:%S')} start {' '.join(cmd[1:])}\n")
+        log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     if rc != 0:
         raise RuntimeError(f"run {run.name} failed (exit {rc}); see {out_dir}/{run.name}.log")
+    stopped = last_train_iteration(metrics)
+    if train_iters(run) and stopped < train_iters(run):  # a clean early exit (signal, --exit-interval)
+        raise RuntimeError(f"run {run.name} stopped at iteration {stopped} of {train_iters(run)}; "
+                           f"run the study again to resume it")
     info = {"name": run.name, "method": run.method, "seed": run.seed, "wall_s": time.time() - t0, "argv": run.argv}
     tmp = done + ".tmp"
     with open(tmp, "w") as f:
         json.dump(info, f)
     os.replace(tmp, done)
+    shutil.rmtree(ckpt, ignore_errors=True)  # after the marker: a kill in between leaves a finished run
     print(f"[study] done {run.name} in {info['wall_s']:.0f} s", flush=True)
     return info
 
