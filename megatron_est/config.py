@@ -38,10 +38,6 @@ def unit_interval() -> Check:  # Adam's betas: 1 would never forget, beyond it d
     return lambda v: None if 0 <= v < 1 else "must be in [0, 1)"
 
 
-def open_unit_interval() -> Check:
-    return lambda v: None if 0 < v < 1 else "must be in (0, 1)"
-
-
 def one_of(*names) -> Check:
     return lambda v: None if v in names else f"unknown value {v!r} (choose from {', '.join(map(str, names))})"
 
@@ -179,7 +175,7 @@ class ESTConfig:
     target_saving: Optional[float] = opt(
         None, "training-FLOPs saving to reach, e.g. 0.25: scales every --est-schedule stage start by one common "
         "factor so the saving (this model, sequence length and --train-iters) is within 0.5 percentage points "
-        "of it", EST, check=open_unit_interval(), default_text="the schedule as given")
+        "of it", EST, default_text="the schedule as given")  # checked with the schedule (est/fit.py)
 
 
 # Defaults that follow the run's length (issue 15): a short run still reaches its peak learning rate and is
@@ -229,6 +225,11 @@ class TrainConfig:
     eval_tasks: Optional[str] = opt(None, "zero-shot tasks at each evaluation, e.g. 'arc_easy,piqa' or 'all' "
                                     "(evaluation/tasks.py)", VAL)
     eval_limit: int = opt(100, "documents of each --eval-tasks task per evaluation", VAL, check=at_least(1))
+    max_nonfinite_steps: int = opt(10, "a step whose loss or gradient norm is not finite is skipped (no update); "
+                                   "stop the run after this many in a row", TRAIN, check=at_least(1))
+    peak_tflops: Optional[float] = opt(None, "peak dense TFLOP/s of one device, for the model FLOPs utilisation "
+                                       "(MFU) in the log", LOG, check=positive(),
+                                       default_text="the GPU's bf16/fp16 peak when known, else no MFU")
 
     def __post_init__(self) -> None:
         given = {"lr_warmup_iters": self.lr_warmup_iters is not None, "eval_interval": self.eval_interval is not None}

@@ -138,10 +138,11 @@ def test_deepspeed_json_accepted_as_is_and_checked(tmp_path):
                                 "bf16": {"enabled": True}, "gradient_clipping": 0.5}))
     cfg = make_cfg(engine={"deepspeed_config": str(good)})
     assert cfg.engine.deepspeed  # --deepspeed_config implies --deepspeed
-    validate(cfg, 2)
+    resolved = validate(cfg, 2)
     conf = deepspeed_config.resolve_config(cfg, 1, 1, 2)
     assert conf["zero_optimization"] == {"stage": 2} and conf["gradient_clipping"] == 0.5
-    assert cfg.engine.bf16 and cfg.engine.resolved_zero_stage == 2
+    assert resolved.precision == "bf16" and resolved.zero_stage == 2 and not cfg.engine.bf16  # cfg untouched
+    assert resolved.config.engine.bf16 and resolved.config.engine.zero_stage == 2
     bad = [({"train_batch_size": 16}, "train_batch_size 16 disagrees with --global-batch-size 8"),
            ({"train_micro_batch_size_per_gpu": 4}, "disagrees with --micro-batch-size 2"),
            ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps 1 disagrees"),

@@ -56,8 +56,7 @@ def test_slurm_local_script_syntax():
 def test_sbatch_arguments_validate_at_the_default_layout(script):
     """What the script launches on 2 nodes x 8 GPUs passes every up-front check (DeepSpeed JSON included)."""
     args = script_args(script)
-    cfg = parse_args(args, "x", SCRIPTS[script])
-    validate(cfg, NODES * GPUS)
+    cfg = validate(parse_args(args, "x", SCRIPTS[script]), NODES * GPUS).config  # bf16/stage as resolved
     assert cfg.checkpoint.save == cfg.checkpoint.load and cfg.checkpoint.exit_signal_handler
     assert cfg.est.schedule in ("gpt2-paper", "tinyllama-paper")
     assert cfg.parallel.distributed_backend == "nccl"  # never a silent CPU fallback
@@ -100,13 +99,13 @@ def _tinyllama_cfg(ds_json: str, tp: int = 1, pp: int = 1, **kw):
 def test_deepspeed_json_resolves_with_the_recipe_flags(name, tp):
     path = os.path.join(DS_DIR, name)
     cfg = _tinyllama_cfg(path, tp=tp)
-    validate(cfg, NODES * GPUS)  # the check pretrain runs before any process group exists
+    resolved = validate(cfg, NODES * GPUS)  # the check pretrain runs before any process group exists
     dp = NODES * GPUS // tp
     conf = resolve_config(cfg, tp, 1, dp)
     assert conf["train_batch_size"] == 512 and conf["train_micro_batch_size_per_gpu"] == 4
     assert conf["gradient_accumulation_steps"] == 512 // (4 * dp)
     assert conf["gradient_clipping"] == 1.0 and conf["bf16"] == {"enabled": True}
-    assert conf["zero_optimization"]["stage"] == JSONS[name] == cfg.engine.resolved_zero_stage
+    assert conf["zero_optimization"]["stage"] == JSONS[name] == resolved.zero_stage
     offload = conf["zero_optimization"].get("offload_optimizer")
     assert (offload is not None) == ("offload" in name)
     if offload:  # our torch AdamW (no "optimizer" section) on offloaded state

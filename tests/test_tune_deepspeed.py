@@ -23,8 +23,8 @@ TINY = ["--model-preset", "gpt2-tiny", "--num-layers", "2", "--hidden-size", "64
 
 def _accepted(out, world: int):
     flags = shlex.split(open(os.path.join(out, "plan.flags")).read())
-    cfg = parse_args(flags, "t", "gpt2-tiny")
-    validate(cfg, world)  # reads and checks the emitted JSON against the flags, as training does
+    # reads and checks the emitted JSON against the flags, as training does; the resolved config has its stage
+    cfg = validate(parse_args(flags, "t", "gpt2-tiny"), world).config
     return cfg, json.load(open(os.path.join(out, "ds_config.json")))
 
 
@@ -35,7 +35,7 @@ def test_gpt2_124m_on_one_node_of_8_x_24_gb(tmp_path, capsys):
     out = capsys.readouterr().out
     assert best.fits and best.free >= 0.1 * 24 * GiB and "Chosen: ZeRO-" in out
     cfg, conf = _accepted(tmp_path, 8)
-    assert conf["zero_optimization"]["stage"] == best.cand.zero_stage == cfg.engine.resolved_zero_stage
+    assert conf["zero_optimization"]["stage"] == best.cand.zero_stage == cfg.engine.zero_stage
     assert conf["train_micro_batch_size_per_gpu"] * conf["gradient_accumulation_steps"] * best.dp == 512
     env = open(tmp_path / "plan.env").read()
     assert f"export TP={best.cand.tp}" in env and f"export MICRO_BATCH={best.cand.micro_batch}" in env

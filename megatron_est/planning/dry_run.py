@@ -84,7 +84,8 @@ def _stage_lines(cfg: Config, lay: Layout, shapes: list[tuple[int, Stage, StageS
 
 def report(cfg: Config) -> list[str]:
     """The dry run's lines (ConfigError before anything is built when the plan is impossible)."""
-    lay = checked_layout(cfg)
+    resolved = validate(cfg, plan_world_size(cfg))  # a DeepSpeed JSON's ZeRO stage and precision written in
+    cfg, lay = resolved.config, resolved.layout
     m, tr = cfg.model, cfg.train
     sampler = build_sampler(cfg)
     tokens = lay.global_batch(tr) * m.seq_length

@@ -53,8 +53,18 @@ def _is_auto(v) -> bool:
     return v is None or v == "auto"
 
 
+def _section(conf: dict, key: str) -> dict:
+    """A section of the JSON that must be an object (DeepSpeed would fail deep inside with an AttributeError)."""
+    value = conf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"--deepspeed_config: {key} must be a JSON object, got {value!r}")
+    return value
+
+
 def _stage_of(conf: dict) -> int:
-    zero = conf.get("zero_optimization") or {}
+    zero = _section(conf, "zero_optimization")
     stage = zero.get("stage", 0)
     if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed_config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -103,8 +113,8 @@ def resolve_config(cfg: Config, tp: int, pp: int, dp: int) -> dict:
             raise ConfigError("--offload-optimizer needs --zero-stage 1, 2 or 3")
         zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": torch.cuda.is_available()})
     # Precision
-    json_bf16 = bool((conf.get("bf16") or {}).get("enabled", False) is True)
-    json_fp16 = bool((conf.get("fp16") or {}).get("enabled", False) is True)
+    json_bf16 = _section(conf, "bf16").get("enabled", False) is True
+    json_fp16 = _section(conf, "fp16").get("enabled", False) is True
     if json_bf16 and json_fp16:
         raise ConfigError(f"{src}: enables both bf16 and fp16")
     if (json_bf16 and e.fp16) or (json_fp16 and e.bf16):
@@ -145,24 +155,24 @@ def _refuse_bf16_optimizer(conf: dict, src: str, pp: int) -> None:
     which folds each backward into its fp32 buffer only from engine.backward or DeepSpeed's own pipeline engine;
     our stages' tensor.backward(grad) leaves it empty and engine.step() fails ("stack expects a non-empty
     TensorList"). Refused up front; without the key DeepSpeed accumulates gradients in bf16."""
-    accum = str((conf.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
-    offload = ((conf.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    accum = str(_section(conf, "data_types").get("grad_accum_dtype", "")).lower()
+    offload = (_section(conf, "zero_optimization").get("offload_optimizer") or {}).get("device", "none")
     if accum in FP32_NAMES and offload in ("none", None):
         raise ConfigError(f"{src}: data_types.grad_accum_dtype {accum} with bf16 and --pipeline-model-parallel-size "
                           f"{pp} is not supported (DeepSpeed's BF16_Optimizer needs its own pipeline engine); "
                           "remove the key (gradients then accumulate in bf16)")
 
 
-def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> None:
-    """Up-front refusals for --deepspeed (called from validation.validate)."""
+def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> tuple[str, int]:
+    """Up-front refusals for --deepspeed (training/checks.py); returns (precision, ZeRO stage) as the flags and
+    the JSON decide them together (the JSON decides when it enables a precision). The config is not changed."""
     if not deepspeed_installed():
         raise ConfigError("--deepspeed: DeepSpeed is not installed (pip install deepspeed, or drop --deepspeed "
                           "to use the plain torch engine)")
     conf = resolve_config(cfg, tp, pp, dp)
-    e = cfg.engine
-    e.bf16 = bool((conf.get("bf16") or {}).get("enabled"))  # the JSON decides when it enables a precision
-    e.fp16 = bool((conf.get("fp16") or {}).get("enabled"))
-    e.resolved_zero_stage = _stage_of(conf)
+    precision = "bf16" if (conf.get("bf16") or {}).get("enabled") else \
+        "fp16" if (conf.get("fp16") or {}).get("enabled") else "fp32"
+    return precision, _stage_of(conf)
 
 
 def write_derived(conf: dict, cfg: Config) -> Optional[str]:

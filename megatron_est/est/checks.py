@@ -1,0 +1,42 @@
+"""EST's own refusals: sampling strata that the layout cannot balance, the unsampled-update policy, and the
+schedule against --train-iters. Returns the parsed schedule."""
+from __future__ import annotations
+
+from megatron_est.config import Config, ConfigError
+from megatron_est.est.fit import check_target
+from megatron_est.est.schedule import Schedule, parse_schedule
+from megatron_est.parallel.partition import is_even, stage_ranges
+
+UNSAMPLED_UPDATES = ("freeze", "adamw")
+
+
+def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
+    est = cfg.est
+    _check_strata(cfg, tp, pp)
+    if est.unsampled_update not in UNSAMPLED_UPDATES:
+        raise ConfigError(f"--est-unsampled-update: unknown value {est.unsampled_update!r} (freeze or adamw; "
+                          "freeze, the default, is the same algorithm in every engine and layout)")
+    schedule = parse_schedule(est.schedule, cfg.train.train_iters)
+    if est.target_saving is not None:  # the FLOPs fit itself waits for the tokenizer's vocabulary (build_sampler)
+        check_target(est.target_saving, schedule)
+    return schedule
+
+
+def _check_strata(cfg: Config, tp: int, pp: int) -> None:
+    m, est = cfg.model, cfg.est
+    hs = est.tp_strata or tp
+    if hs % tp:
+        raise ConfigError(f"--est-tp-strata {hs} must be a multiple of --tensor-model-parallel-size {tp}")
+    if m.ffn_hidden_size % hs:
+        raise ConfigError(f"--est-tp-strata {hs} does not divide --ffn-hidden-size {m.ffn_hidden_size}")
+    if m.queries_per_group == 1 and m.num_attention_heads % hs:
+        raise ConfigError(f"--est-tp-strata {hs} does not divide --num-attention-heads {m.num_attention_heads}")
+    if not is_even(stage_ranges(cfg)):  # uneven stages: the layer strata are the stages themselves
+        if est.pp_strata not in (None, pp):
+            raise ConfigError(f"--est-pp-strata {est.pp_strata} must be unset (or {pp}) with "
+                              "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers")
+        return
+    ls = est.pp_strata or pp
+    if ls % pp or m.num_layers % ls:
+        raise ConfigError(f"--est-pp-strata {ls} must be a multiple of --pipeline-model-parallel-size {pp} and "
+                          f"divide --num-layers {m.num_layers}")
