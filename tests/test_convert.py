@@ -59,13 +59,11 @@ def test_exported_tp2_pp2_checkpoint_gives_our_logits_in_transformers(family, tm
     model_cfg = tiny(family, num_layers=4)
     ours = _trained_like(LanguageModel(model_cfg, seed=8)).eval()
     conv.write_weights_checkpoint(str(tmp_path / "ckpt"), _layout(model_cfg, 2, 2), ours.state_dict())
-    spm = tmp_path / "tok.model"
-    spm.write_bytes(b"not really a sentencepiece model")
     rc = tool.main(["export-hf", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"),
-                    "--tokenizer-model", str(spm)])
+                    "--no-tokenizer"])  # tokenizers: tests/test_hf_export.py
     assert rc == 0
     files = sorted(os.listdir(tmp_path / "hf"))
-    assert files == ["config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
+    assert files == ["config.json", "generation_config.json", "model.safetensors"]
     ids, _ = token_batch(model_cfg, batch=2)
     with torch.no_grad():
         expect = ours(ids)
@@ -137,5 +135,10 @@ def test_bad_inputs_are_refused_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not empty" in err
     assert os.listdir(tmp_path / "out") == ["keep.txt"]  # nothing overwritten
+    (tmp_path / "tok.model").write_bytes(b"not really a sentencepiece model")
+    assert tool.main(["export-hf", "--load", str(tmp_path / "ck"), "--output", str(tmp_path / "new"),
+                      "--tokenizer-model", str(tmp_path / "tok.model")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a sentencepiece model" in err and not os.path.exists(tmp_path / "new")
     with pytest.raises(ConfigError, match="already exists"):
         conv.write_weights_checkpoint(str(tmp_path / "ck"), _layout(tiny("gpt2"), 1, 1), {})

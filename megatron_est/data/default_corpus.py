@@ -18,6 +18,7 @@ from .tokenizers import train_sentencepiece
 
 FORMAT = "v2"  # bump when the recipe below changes, so old caches are not reused
 DEFAULT_WEIGHTS = (0.7, 0.3)  # Shakespeare, Wikipedia
+VOCAB_SIZE = 8192  # the default job's sentencepiece vocabulary
 
 
 @contextlib.contextmanager
@@ -59,7 +60,12 @@ def _wikipedia_available() -> bool:
         return False
 
 
-def prepare_default_corpus(cache_dir: str, vocab_size: int = 8192) -> tuple[list, str]:
+def tokenizer_model_path(cache_dir: str, vocab_size: int = VOCAB_SIZE) -> str:
+    """Where the default corpus keeps its sentencepiece model (whether or not it is built yet)."""
+    return os.path.join(cache_dir, "default_corpus", f"{FORMAT}-spm{vocab_size}", f"shakespeare_spm{vocab_size}.model")
+
+
+def prepare_default_corpus(cache_dir: str, vocab_size: int = VOCAB_SIZE) -> tuple[list, str]:
     """(data_path, tokenizer model): a Megatron-style blend [0.7, shakespeare, 0.3, wikipedia] and the
     sentencepiece model trained on Shakespeare that tokenized it.
 
@@ -67,8 +73,8 @@ def prepare_default_corpus(cache_dir: str, vocab_size: int = 8192) -> tuple[list
     under cache_dir once; concurrent callers on one machine wait on a file lock and then reuse the result.
     Without gensim installed the Wikipedia source is left out and data_path is [shakespeare].
     """
-    root = os.path.join(cache_dir, "default_corpus", f"{FORMAT}-spm{vocab_size}")
-    model = os.path.join(root, f"shakespeare_spm{vocab_size}.model")
+    model = tokenizer_model_path(cache_dir, vocab_size)
+    root = os.path.dirname(model)
     shakespeare = output_prefix_for(os.path.join(root, "shakespeare"), "text")
     wikipedia = output_prefix_for(os.path.join(root, "wikipedia"), "text")
     use_wiki = _wikipedia_available()

