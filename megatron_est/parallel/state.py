@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,11 +72,29 @@ def env_rank_and_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's or slurm's environment; (0, 1, 0) when neither is set."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _slurm_batch_script(env):
-        world = env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])  # the srun step's tasks, not the job's
-        return int(env["SLURM_PROCID"]), int(world), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _slurm_batch_script(env):
+        # the srun step's tasks, not the job's
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS",
+                 "SLURM_LOCALID")
+    else:
+        return 0, 1, 0
+    rank, world, local = (_env_int(env, n) for n in names)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(f"launch environment: {names[0]}={rank} {names[1]}={world} {names[2]}={local}: need "
+                          f"{names[1]} >= 1, 0 <= {names[0]} < {names[1]} and {names[2]} >= 0")
+    return rank, world, local
+
+
+def _env_int(env, name: str) -> int:
+    """A launcher variable as an integer (absent local ranks are 0), or one line naming it: a malformed value is
+    the root cause of everything that depends on the world size, so it is refused before any of it."""
+    text = env.get(name, "0")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"launch environment: {name}={text!r} is not an integer (torchrun and srun set it; "
+                          "fix or unset it)") from None
 
 
 def _slurm_batch_script(env) -> bool:
@@ -110,6 +131,10 @@ def _cuda_device(local_rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
+class RendezvousError(ConfigError):
+    """The ranks of a job could not all meet within --distributed-timeout-minutes (one line: where, who)."""
+
+
 def _init_default_group(backend: str, rank: int, world: int, timeout: datetime.timedelta) -> None:
     env = os.environ
     if world > 1 and "MASTER_ADDR" not in env and int(env.get("SLURM_NNODES", "1")) > 1:
@@ -125,7 +150,100 @@ def _init_default_group(backend: str, rank: int, world: int, timeout: datetime.t
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         return
     env.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    store = rendezvous(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank, world, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------- rendezvous
+# torch's env:// rendezvous waits silently for the whole timeout and then raises a store error that names no
+# missing rank. Ours meets on the same TCPStore (MASTER_ADDR:MASTER_PORT, hosted by rank 0, or by torchrun's
+# agent when it says so), says who is waiting for how many, and fails in one line at the deadline.
+_FIRST_NOTICE_S = 5.0  # a normal start, where ranks come up a few seconds apart, prints nothing
+_NOTICE_EVERY_S = 60.0
+
+
+def rendezvous(addr: str, port: int, rank: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The job's TCPStore once all `world` ranks have arrived; RendezvousError at the deadline."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    minutes = f"--distributed-timeout-minutes {timeout.total_seconds() / 60:g}"
+    where = f"{addr}:{port}"
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    if rank == 0 and not agent:
+        try:
+            store = dist.TCPStore(addr, port, world, is_master=True, timeout=timeout, wait_for_workers=False,
+                                  multi_tenant=True)
+        except (RuntimeError, OSError) as e:
+            raise RendezvousError(f"rank 0 cannot host the rendezvous at {where} (MASTER_ADDR/MASTER_PORT): "
+                                  f"{_first_line(e)}") from None
+    else:
+        store = _connect(addr, port, rank, world, deadline, where, minutes)
+    store.set_timeout(timeout)
+    _wait_for_all(store, rank, world, deadline, where, minutes)
+    return store
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _connect(addr, port, rank, world, deadline, where, minutes) -> dist.TCPStore:
+    """A client of rank 0's store. Until rank 0 listens, a plain socket probes the port every half second (a
+    TCPStore client that cannot connect logs a C++ stack trace on each retry)."""
+    start, noticed = time.monotonic(), False
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1.0).close()
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RendezvousError(f"rank {rank}: no rendezvous at {where} within {minutes} (rank 0 did not "
+                                      f"start or is unreachable: check MASTER_ADDR/MASTER_PORT; {e})") from None
+        if not noticed and time.monotonic() - start >= min(_FIRST_NOTICE_S, (deadline - start) / 2):
+            _say(f"rank {rank}: waiting for rank 0 at {where} to open the rendezvous (giving up after {minutes})")
+            noticed = True
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    left = datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))
+    try:
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=left)
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"rank {rank}: cannot join the rendezvous at {where}: {_first_line(e)}") from None
+
+
+def _wait_for_all(store, rank, world, deadline, where, minutes) -> None:
+    """Count in; poll until the last rank has (a timed store.wait logs a warning per timeout); report the wait;
+    fail at the deadline naming who is missing."""
+    key = f"megatron_est/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store.set(f"{key}rank{rank}", "1")
+        if store.add(f"{key}arrived", 1) == world:
+            store.set(f"{key}done", "1")
+        start = time.monotonic()
+        next_notice = start + min(_FIRST_NOTICE_S, (deadline - start) / 2)
+        pause = 0.01
+        while not store.check([f"{key}done"]):
+            now = time.monotonic()
+            if now >= deadline:
+                _missing_ranks(store, key, world, where, minutes)
+            if now >= next_notice:
+                waiting = world - store.add(f"{key}arrived", 0)
+                _say(f"rank {rank}: waiting for {waiting} rank{'s' if waiting > 1 else ''} at {where} "
+                     f"({world - waiting} of {world} arrived; giving up after {minutes})")
+                next_notice += _NOTICE_EVERY_S
+            time.sleep(min(pause, max(0.0, deadline - now)))
+            pause = min(1.0, pause * 2)
+    except RuntimeError as e:  # rank 0's store went away (it failed or was killed)
+        raise RendezvousError(f"rank {rank}: lost the rendezvous at {where}: {_first_line(e)}") from None
+
+
+def _missing_ranks(store, key, world, where, minutes):
+    missing = [r for r in range(world) if not store.check([f"{key}rank{r}"])]
+    shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    raise RendezvousError(f"rendezvous at {where} incomplete after {minutes}: {world - len(missing)} of {world} "
+                          f"ranks arrived (missing rank{'s' if len(missing) > 1 else ''} {shown})")
 
 
 def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None,
