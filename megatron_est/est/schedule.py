@@ -56,8 +56,22 @@ FULL = Schedule((Stage(0, 1.0, 1.0, 1.0),))
 
 def _parse_start(text: str, train_iters: int) -> int:
     if text.endswith("%"):
-        return int(round(float(text[:-1]) / 100.0 * train_iters))
+        pct = float(text[:-1])
+        if not 0.0 <= pct <= 100.0:  # nan and inf too
+            raise ConfigError(f"--est-schedule: stage start {text} must be in [0%, 100%] of --train-iters")
+        return int(round(pct / 100.0 * train_iters))
     return int(text)
+
+
+def _shortest_run(spec: str) -> int:
+    """The fewest iterations on which a schedule written in percentages keeps its stages apart."""
+    n = 1
+    while n < 10 ** 6:
+        starts = [_parse_start(p.split(":")[0].strip(), n) for p in spec.split(";") if p.strip()]
+        if all(b > a for a, b in zip(starts, starts[1:])):
+            break
+        n += 1
+    return n
 
 
 def parse_schedule(spec: str, train_iters: int) -> Schedule:
@@ -66,7 +80,7 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
     spec = spec.strip()
     if spec in ("none", ""):
         return FULL
-    spec = SCHEDULE_PRESETS.get(spec, spec)
+    preset, spec = (spec if spec in SCHEDULE_PRESETS else None), SCHEDULE_PRESETS.get(spec, spec)
     if ":" not in spec:
         raise ConfigError(f"{flag}: unknown preset {spec!r} (known: none, {', '.join(SCHEDULE_PRESETS)}; "
                           "or a spec 'START:pH,pM,pL;...')")
@@ -76,6 +90,8 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
             start_s, rates_s = part.split(":")
             rates = [float(r) for r in rates_s.split(",")]
             start = _parse_start(start_s.strip(), train_iters)
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"{flag}: cannot parse stage {part!r} (expected START:pH,pM,pL)") from None
         if len(rates) != 3:
@@ -86,6 +102,10 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
     starts = [s.start for s in stages]
     if starts[0] != 0:
         raise ConfigError(f"{flag}: the first stage must start at iteration 0, got {starts[0]}")
+    if preset and any(b <= a for a, b in zip(starts, starts[1:])):  # the user wrote neither the spec nor its starts
+        raise ConfigError(f"--train-iters {train_iters} is too short for the {preset!r} EST schedule (its stages "
+                          f"would start at iterations {starts}): train at least {_shortest_run(spec)} iterations, "
+                          "or pass --est-schedule none")
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(f"{flag}: stage starts must increase strictly, got {starts}")
     return Schedule(tuple(stages))
