@@ -278,6 +278,9 @@ class CheckpointConfig:
     no_load_rng: bool = opt(False, "do not restore the RNG streams", CKPT)
     finetune: bool = opt(False, "load weights only and start at iteration 0 (implies --no-load-optim and "
                          "--no-load-rng)", CKPT)
+    save_failure: str = opt("stop", "a save that cannot write (disk full, file-size limit, permission): stop "
+                            "(one line, non-zero exit, the previous checkpoint intact) or continue (the same line "
+                            "as a warning, training goes on)", CKPT, check=one_of("stop", "continue"))
 
 
 @dataclass
