@@ -97,3 +97,19 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     got, want = losses(out), losses(ref)
     assert [i for i, _ in got] == list(range(1, 21))
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6)
+
+
+def test_checkpoints_fall_on_log_lines():
+    """A resumed run's first train line averages the iterations since its checkpoint: with checkpoints at
+    multiples of --log-interval that is the same average an uninterrupted run logs."""
+    from megatron_est.study.runs import Run, checkpoint_flags
+
+    def interval(argv):
+        flags = checkpoint_flags(Run("est", 0, argv), "ck")
+        return int(flags[flags.index("--save-interval") + 1])
+
+    assert interval(["--train-iters", "14400", "--log-interval", "50"]) == 700  # 5% is 720
+    assert interval(["--train-iters", "10800", "--log-interval", "50"]) == 550  # 540
+    assert interval(["--train-iters", "10", "--log-interval", "50"]) == 50
+    assert interval(["--train-iters", "14400"]) == 720
+    assert "--save-interval" not in checkpoint_flags(Run("est", 0, []), "ck")  # the preset's length: end only

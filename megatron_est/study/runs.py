@@ -60,19 +60,24 @@ def checkpoint_dir(out_dir: str, run: Run) -> str:
     return os.path.join(out_dir, ".cache", "ckpt", run.name)
 
 
+def _flag(run: Run, name: str) -> Optional[int]:
+    """An integer flag's value in the run's argv (the last one given wins, as in argparse); None if absent."""
+    values = [run.argv[i + 1] for i, a in enumerate(run.argv[:-1]) if a == name]
+    return int(values[-1]) if values else None
+
+
 def train_iters(run: Run) -> Optional[int]:
-    """The run's --train-iters (the last one given wins, as in argparse); None: the preset's."""
-    iters = [run.argv[i + 1] for i, a in enumerate(run.argv[:-1]) if a == "--train-iters"]
-    return int(iters[-1]) if iters else None
+    return _flag(run, "--train-iters")  # None: the preset's
 
 
 def checkpoint_flags(run: Run, ckpt: str) -> list[str]:
-    """--save/--load to one folder (a fresh start while it holds no checkpoint), saved every
-    CHECKPOINT_FRACTION of the run's iterations."""
+    """--save/--load to one folder (a fresh start while it holds no checkpoint), saved about every
+    CHECKPOINT_FRACTION of the run's iterations, at a multiple of --log-interval: a run resumed there logs the
+    same train-loss averages as an uninterrupted one (each averages the iterations since the previous line)."""
     flags = ["--save", ckpt, "--load", ckpt, "--keep-last", "1"]
-    iters = train_iters(run)
+    iters, log = train_iters(run), _flag(run, "--log-interval") or 1
     if iters:
-        flags += ["--save-interval", str(max(1, round(iters * CHECKPOINT_FRACTION)))]
+        flags += ["--save-interval", str(log * max(1, round(iters * CHECKPOINT_FRACTION / log)))]
     return flags
 
 
