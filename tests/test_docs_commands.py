@@ -6,7 +6,7 @@
   parsed by megatron_est.arguments, validated by megatron_est.validation, planned on the meta device. A command
   followed in its block by an `error:` line must be refused with exactly that line; every other must pass.
 - Tool and benchmark commands: every flag they use exists in that tool's own --help (and the training flags after
-  `--` parse with the training parser).
+  `--` parse with the training parser); tools/est_flops.py, instant, runs.
 - `sbatch examples/slurm/...`: the script, run from another directory with `SLURM_SUBMIT_DIR` = the repository
   (what sbatch sets) and no MEGATRON_EST_DIR, prints training flags (DRY_RUN=1) that the parser accepts.
 
@@ -182,6 +182,7 @@ def test_training_command_plans_or_is_refused_as_documented(c, monkeypatch):
 # ------------------------------------------------------------------------------------------ tools, benches
 TOOLS = [c for c in all_commands() if (_launch(c)[0] or "").startswith(("tools/", "bench/"))]
 PASSES_TRAINING_FLAGS = {"tools/tune_deepspeed.py"}  # takes its own flags and any training flag beside them
+RUN = {"tools/est_flops.py"}  # instant on CPU: run for real
 
 
 def _help_text(path: str, sub: list[str], monkeypatch) -> str:
@@ -219,6 +220,10 @@ def test_tool_command_uses_only_flags_the_tool_has(c, monkeypatch):
     assert not missing, f"{c}\n  not in {path} --help: {missing}"
     if "--" in flags:  # the training flags a study or benchmark passes on
         parse_args(_without_placeholders(flags[flags.index("--") + 1:]), "x", "gpt2-tiny")
+    if path in RUN:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            importlib.import_module(path[:-3].replace("/", ".")).main(_without_placeholders(flags))
+        assert "saved" in out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- sbatch
