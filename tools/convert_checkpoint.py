@@ -7,6 +7,12 @@
     python tools/convert_checkpoint.py export-hf --load runs/ckpt --output hf/my-gpt2 [--iteration 1000]
         [--dtype bf16] [--tokenizer-model tok.model | --tokenizer-type GPT2BPETokenizer [--vocab-file F --merge-file F]]
 
+    # The folder: config.json, model.safetensors, generation_config.json, tokenizer.json (a fast tokenizer checked
+    # to encode and decode as ours; no protobuf or sentencepiece needed to load it), tokenizer_config.json and the
+    # original tokenizer.model or vocab.json + merges.txt; all files 0644. No BOS is added (training had none);
+    # the end-of-document token is eos, bos and pad; padding is on the left, for batched generate().
+    # A checkpoint that names no tokenizer (weights only, pre-tokenized data) exports without one, with a note.
+
     # a GPT2LMHeadModel / LlamaForCausalLM folder -> a weights-only checkpoint to start or continue from
     python tools/convert_checkpoint.py import-hf --hf-dir hf/my-gpt2 --save runs/from-hf \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
