@@ -1,7 +1,8 @@
 """Column- and row-parallel linears and a vocab-parallel embedding that can run on a slice of their units.
 
 `index` selects output rows (column-parallel) or input columns (row-parallel) of the LOCAL shard, so the matmul
-itself shrinks; gradients of unselected rows/columns are zero.
+itself shrinks; gradients of unselected rows/columns are zero. A sliced weight's gradient is added straight into
+the kept rows/columns of its .grad (parallel/sliced_grad.py), not built as a full-size temporary.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from megatron_est.parallel.init import normal_full, shard
 from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
+from megatron_est.parallel.sliced_grad import sliced_weight
 from megatron_est.parallel.state import ParallelState
 
 
@@ -40,8 +42,8 @@ class ColumnParallelLinear(nn.Module):
             x = copy_to_tp(x, self.group)
         w, b = self.weight, self.bias
         if index is not None:
-            w = w.index_select(0, index)
-            b = None if b is None else b.index_select(0, index)
+            w = sliced_weight(w, 0, index)
+            b = None if b is None else sliced_weight(b, 0, index)
         return F.linear(x, w, b)
 
 
@@ -57,7 +59,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
-        w = self.weight if index is None else self.weight.index_select(1, index)
+        w = self.weight if index is None else sliced_weight(self.weight, 1, index)
         y = F.linear(x, w)
         if scale != 1.0:  # EST rescale of the sampled sum; the bias stays unscaled
             y = y * scale

@@ -1,0 +1,83 @@
+"""A weight's slice whose backward adds its gradient straight into the kept rows/columns of the weight's .grad.
+
+Autograd's own index_select backward builds a full-size zero tensor, index_adds the slice into it and then
+accumulates that into .grad (a second full-size add from the second micro-batch on): memory traffic and fresh
+page-faulting allocations that do not shrink with the sampling rate. Here the gradient buffer is kept on the
+parameter across steps (zeroed, not reallocated, when a step starts with grad None, and only while nothing else
+holds it or a view of it: a caller may keep last step's gradient) and every micro-batch adds only its kept
+rows/columns into it: the same values, bit for bit (each element receives the same additions in the same order),
+zero outside the kept slices as before.
+
+The weight then gets no autograd gradient of its own, so hooks on its gradient accumulation would not fire.
+Where something hooks it (DeepSpeed ZeRO registers post-accumulate-grad hooks; ZeRO-3 partitions the parameter)
+or a model was switched off with set_direct_grads(model, False), autograd's path runs instead.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+
+def set_direct_grads(module: nn.Module, enabled: bool) -> None:
+    """The one switch: direct accumulation (default) or autograd's full-size gradients for this module's
+    parameters. Off also frees the kept buffers."""
+    for p in module.parameters():
+        p.direct_grads = enabled
+        if not enabled and hasattr(p, "_direct_grad_buffer"):
+            del p._direct_grad_buffer
+
+
+def _direct(p: torch.Tensor) -> bool:
+    if not getattr(p, "direct_grads", True) or not p.requires_grad or not torch.is_grad_enabled():
+        return False
+    return not getattr(p, "_post_accumulate_grad_hooks", None) and not hasattr(p, "ds_id")
+
+
+def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """p.index_select(dim, index), with its gradient added into p.grad directly (see the module docstring)."""
+    if not _direct(p):
+        return p.index_select(dim, index)
+    return _SliceIntoGrad.apply(p, dim, index)
+
+
+class _SliceIntoGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        ctx.param, ctx.dim = p, dim
+        ctx.save_for_backward(index)
+        return p.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        with torch.no_grad():
+            accumulate_slice(ctx.param, ctx.dim, index, grad)
+        return None, None, None
+
+
+def accumulate_slice(p: torch.Tensor, dim: int, index: torch.Tensor, grad: torch.Tensor) -> None:
+    """p.grad[index along dim] += grad, starting from zeros when p.grad is None."""
+    if p.grad is None:
+        p.grad = _zeroed_buffer(p)
+    p.grad.index_add_(dim, index, grad.to(p.grad.dtype))
+
+
+def _zeroed_buffer(p: torch.Tensor) -> torch.Tensor:
+    """The parameter's kept gradient buffer, zeroed; a new one the first time, if its layout changed, or if
+    anyone else still holds it."""
+    buf = p.__dict__.get("_direct_grad_buffer")
+    if buf is not None and _sole_owner(buf) and (buf.shape, buf.dtype, buf.device) == (p.shape, p.dtype, p.device):
+        return buf.zero_()
+    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    p._direct_grad_buffer = buf
+    return buf
+
+
+def _sole_owner(buf: torch.Tensor) -> bool:
+    # Python references: the parameter's attribute, the caller's local, ours and getrefcount's argument. Storage
+    # references: this tensor and the storage object looked at here (a view, or any tensor sharing the storage,
+    # counts one more).
+    storage = buf.untyped_storage()
+    return sys.getrefcount(buf) <= 4 and torch._C._storage_Use_Count(storage._cdata) == 2
