@@ -7,7 +7,11 @@ takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, 
 did not train (the model says which: LanguageModel.trained_slices and skipped_parameters) get their value and
 moments written back right after the optimizer's update, in the optimizer's own copy (a ZeRO flat fp32
 partition, or the parameter itself), so bf16/fp16 weights follow. The plain engine gets the same result more
-cheaply: a skipped layer sits the step out and only counts it.
+cheaply: a skipped layer sits the step out and only counts it, and a sliced weight is stepped on compact copies
+of its kept rows/columns (value, gradient, moments; Narrowed below), so its frozen elements are never touched
+and the optimizer's work shrinks with the sampling rate. The optimizer's own update runs on those copies, so the
+kept elements get the same arithmetic (bit for bit with the multi-tensor kernels; torch's fused CPU kernel
+vectorises by position in the tensor and may differ in the last bit of a moment).
 Step counts: AdamW's bias correction uses one step count per tensor (per flat partition under ZeRO), which
 advances every step for every element, trained or not: 1 - beta**t with the global step t. This is our documented
 equivalent of per-element step counts; the two differ only while beta2**t is not negligible (about the first
@@ -15,6 +19,7 @@ equivalent of per-element step counts; the two differ only while beta2**t is not
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -136,8 +141,12 @@ class AdamWUpdate:
 
 
 class FreezeUpdate:
-    """Unsampled parameters and their AdamW moments stay untouched."""
+    """Unsampled parameters and their AdamW moments stay untouched. narrow=False steps sliced weights whole and
+    writes their frozen elements back (the defining route; bench/bench_est_step.py times both)."""
     name = "freeze"
+
+    def __init__(self, narrow: bool = True):
+        self.narrow = narrow
 
     def complete_grads(self, params: list[torch.nn.Parameter]) -> None:
         pass  # skipped layers keep grad None: no data-parallel traffic, and step() below handles them
@@ -145,8 +154,13 @@ class FreezeUpdate:
     def step(self, optimizer: torch.optim.Optimizer, model, plan: Optional[ModelPlan]) -> None:
         """The same result as stepping everything and writing the frozen elements back (what ZeRO's flat
         partitions need, training/deepspeed_unsampled.py), cheaper: a skipped parameter that already has
-        optimizer state sits the step out (AdamW skips a None gradient) and only counts it."""
-        frozen = frozen_elements(model, plan)
+        optimizer state sits the step out (AdamW skips a None gradient) and only counts it; a sliced one with
+        state steps its kept slices alone (Narrowed). Parameters without state yet (the first steps) take the
+        defining route: a full step on a zero-filled gradient, then the write-back, so AdamW creates the state."""
+        narrowed = [Narrowed(p, optimizer.state[p], dim, kept) for p, dim, kept in _slices(model, plan)
+                    if self.narrow and p.grad is not None and optimizer.state.get(p)]
+        done = {n.param for n in narrowed}
+        frozen = {p: f for p, f in frozen_elements(model, plan).items() if p not in done}
         sit_out = [p for p, f in frozen.items() if f.index is None and p.grad is None and optimizer.state.get(p)]
         for p in sit_out:
             del frozen[p]
@@ -154,11 +168,52 @@ class FreezeUpdate:
             if p.grad is None:  # never stepped yet: let AdamW create its state, then write it back
                 p.grad = torch.zeros_like(p)
         hold = Hold(torch_fragments(optimizer, frozen))
-        optimizer.step()
+        with contextlib.ExitStack() as stack:
+            for n in narrowed:
+                stack.enter_context(n)
+            optimizer.step()
         hold.restore()
         for p in sit_out:  # torch's AdamW counts per tensor; FusedAdam counts per group, for every tensor
             if "step" in optimizer.state[p]:
                 optimizer.state[p]["step"] += 1
+
+
+def _slices(model, plan: Optional[ModelPlan]) -> list:
+    return [] if plan is None else model.trained_slices(plan)
+
+
+class Narrowed:
+    """For the optimizer's step (a context), a sliced parameter is a compact copy of its kept rows/columns:
+    its value, gradient and moments are swapped for kept-slice copies, and the results are scattered back on
+    exit. Any Adam implementation that reads p, p.grad and state[p] (torch's, apex's FusedAdam) then updates
+    just those elements; its step count is the tensor's own, advanced as usual."""
+
+    def __init__(self, param: torch.nn.Parameter, state: dict, dim: int, kept: torch.Tensor):
+        self.param, self.state, self.dim, self.kept = param, state, dim, kept
+
+    @torch.no_grad()
+    def __enter__(self) -> "Narrowed":
+        p, dim = self.param, self.dim
+        self.kept = self.kept.to(p.device)
+        self.value, self.grad = p.data, p.grad
+        self.moments = {k: self.state[k] for k in _MOMENTS if k in self.state}
+        p.grad = None  # (a gradient must match the parameter's shape when assigned)
+        p.data = self.value.index_select(dim, self.kept)
+        p.grad = self.grad.index_select(dim, self.kept)
+        for k, m in self.moments.items():
+            self.state[k] = m.index_select(dim, self.kept)
+        return self
+
+    @torch.no_grad()
+    def __exit__(self, *exc) -> None:
+        p, dim, kept = self.param, self.dim, self.kept
+        self.value.index_copy_(dim, kept, p.data)
+        for k, m in self.moments.items():
+            m.index_copy_(dim, kept, self.state[k])
+            self.state[k] = m
+        p.grad = None
+        p.data = self.value
+        p.grad = self.grad
 
 
 def unsampled_policy(cfg: Config):

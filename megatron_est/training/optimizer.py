@@ -13,23 +13,28 @@ from megatron_est.kernels import apex_fused_adam
 def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
     """Biases and norm weights (1-D parameters) get no weight decay, as in Megatron.
 
-    On GPU: apex's FusedAdam (AdamW mode) when its CUDA extension loads and use_apex, else torch's fused AdamW.
-    Both modes of --est-unsampled-update step every tensor every step (freeze writes the frozen elements back
-    afterwards), so FusedAdam's one step count per group equals torch's per-tensor counts.
+    On GPU: apex's FusedAdam (AdamW mode) when its CUDA extension loads and use_apex, else torch's fused AdamW;
+    on CPU torch's fused AdamW too (one pass over each tensor: about 4x faster than the multi-tensor path at
+    GPT-2 124M on one thread). Both modes of --est-unsampled-update count a step on every tensor every step
+    (freeze steps sliced weights on their kept slices, est/unsampled.py), so FusedAdam's one step count per
+    group equals torch's per-tensor counts.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim == 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused kernels on GPU; the multi-tensor (foreach) path on CPU, where the default is a per-tensor loop.
+    groups = param_groups(model, tr)
     cuda = next(model.parameters()).is_cuda
     fused_adam = apex_fused_adam() if cuda and use_apex else None
     if fused_adam is not None:
         return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
                           adam_w_mode=True)
-    impl = {"fused": True} if cuda else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, **impl)
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, fused=True)
+
+
+def param_groups(model: torch.nn.Module, tr: TrainConfig) -> list[dict]:
+    """Megatron's two groups: weight decay on matrices, none on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def learning_rate(tr: TrainConfig, iteration: int) -> float:
