@@ -199,3 +199,12 @@ def test_gpt2_bpe_finds_the_shipped_files_without_flags():
     tok = build_tokenizer("GPT2BPETokenizer")
     assert tok.vocab_size == 50257 and tok.eod == 50256
     assert tok.encode("Hello world") == [15496, 995]  # GPT-2's published ids
+
+
+def test_exported_gpt2_tokenizer_knows_its_eos_text_and_ours_does_not_change(bpe_export):
+    """Hugging Face maps "<|endoftext|>" to the eos id; our training tokenizer keeps encoding it as text."""
+    ours = build_tokenizer("GPT2BPETokenizer")
+    backend_of(ours)  # converting must not alter ours
+    tok = transformers.AutoTokenizer.from_pretrained(bpe_export[1], local_files_only=True)
+    assert tok("a<|endoftext|>").input_ids == [64, 50256]
+    assert ours.encode("a<|endoftext|>") == [64, 27, 91, 437, 1659, 5239, 91, 29]  # "<", "|", "end", "of", ...

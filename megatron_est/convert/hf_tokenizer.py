@@ -80,11 +80,11 @@ def _control_rules(sp) -> list[tuple[str, str]]:
 
 def backend_of(tok):
     """The `tokenizers` pipeline of one of our tokenizers (megatron_est.data.tokenizers)."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer
 
     if hasattr(tok, "processor"):
         return spm_backend(tok.processor)
-    backend = tok.backend
+    backend = Tokenizer.from_str(tok.backend.to_str())  # a copy: ours keeps encoding <|endoftext|> as text
     backend.add_special_tokens([AddedToken(tok.eod_token, special=True, normalized=False)])
     return backend
 
