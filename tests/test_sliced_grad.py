@@ -85,3 +85,20 @@ def test_buffer_is_reused_unless_someone_holds_it():
     del held
     step(3)
     assert torch.equal(view, view_copy)
+
+
+def test_post_accumulate_hooks_fire_once_per_backward_on_the_final_grad():
+    """What the overlapped reduction's hooks rely on: autograd still runs the accumulation node of a directly
+    written weight, once per backward, after the write."""
+    from megatron_est.parallel.grad_overlap import _marked
+    from megatron_est.parallel.sliced_grad import sliced_weight
+
+    p = torch.nn.Parameter(torch.randn(6, 3))
+    seen = []
+    p.register_post_accumulate_grad_hook(_marked(lambda t: seen.append(t.grad.clone())))
+    for _ in range(2):
+        (sliced_weight(p, 0, torch.tensor([1, 4])) ** 2).sum().backward()
+    assert hasattr(p, "_direct_grad_buffer") and len(seen) == 2
+    want = torch.zeros(6, 3)
+    want[[1, 4]] = 2 * p.detach()[[1, 4]]
+    assert torch.equal(seen[0], want) and torch.equal(seen[1], 2 * want)

@@ -16,10 +16,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 _BUCKET_NUMEL = 32 * 1024 * 1024
 
 
-def _buckets(tensors: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
+def _buckets(tensors: list[torch.Tensor], size: int = _BUCKET_NUMEL) -> Iterable[list[torch.Tensor]]:
+    """Consecutive runs of tensors of one dtype, up to `size` elements each (a larger tensor alone)."""
     bucket, numel = [], 0
     for t in tensors:
-        if bucket and (numel + t.numel() > _BUCKET_NUMEL or t.dtype != bucket[0].dtype):
+        if bucket and (numel + t.numel() > size or t.dtype != bucket[0].dtype):
             yield bucket
             bucket, numel = [], 0
         bucket.append(t)

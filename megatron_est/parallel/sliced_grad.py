@@ -8,9 +8,12 @@ holds it or a view of it: a caller may keep last step's gradient) and every micr
 rows/columns into it: the same values, bit for bit (each element receives the same additions in the same order),
 zero outside the kept slices as before.
 
-The weight then gets no autograd gradient of its own, so hooks on its gradient accumulation would not fire.
-Where something hooks it (DeepSpeed ZeRO registers post-accumulate-grad hooks; ZeRO-3 partitions the parameter)
-or a model was switched off with set_direct_grads(model, False), autograd's path runs instead.
+The weight then gets no autograd gradient of its own; autograd still runs its accumulation node (with nothing to
+add) after this backward has written .grad, so post-accumulate-grad hooks fire once per backward with the final
+.grad, as before. Hooks marked `fires_from_direct_grads` (the overlapped data-parallel reduction,
+parallel/grad_overlap.py) rely on just that. Any other hook (DeepSpeed ZeRO registers post-accumulate-grad hooks
+and may take .grad over), a ZeRO-3 partitioned parameter, or set_direct_grads(model, False) selects autograd's
+path instead.
 """
 from __future__ import annotations
 
@@ -32,7 +35,11 @@ def set_direct_grads(module: nn.Module, enabled: bool) -> None:
 def _direct(p: torch.Tensor) -> bool:
     if not getattr(p, "direct_grads", True) or not p.requires_grad or not torch.is_grad_enabled():
         return False
-    return not getattr(p, "_post_accumulate_grad_hooks", None) and not hasattr(p, "ds_id")
+    return all(getattr(h, "fires_from_direct_grads", False) for h in _hooks(p)) and not hasattr(p, "ds_id")
+
+
+def _hooks(p: torch.Tensor) -> list:
+    return list((getattr(p, "_post_accumulate_grad_hooks", None) or {}).values())
 
 
 def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""Data-parallel gradient averaging overlapped with the last micro-batch's backward, bucketed as DDP does.
+
+The plain engine's synchronous path (grads.sync_data_parallel_grads) waits for the whole backward. Here each
+parameter's post-accumulate-grad hook counts its gradient's micro-batches; once all of a bucket's gradients are
+final (the step's last micro-batch reached them) the bucket is flattened and all-reduced asynchronously while
+backward goes on, and finish() launches what is left, waits and averages. Buckets hold parameters in reverse
+registration order (about the order backward finishes them) and are launched strictly in bucket order, so every
+rank issues the same collectives in the same order. Which parameters take part is decided per step from the
+plan: skipped layers get no gradient and are left out, identically on every data-parallel rank because all of
+them train the same subnetwork. The tied word embedding of a pipelined run is summed over its two stages first
+(grads.sync_tied_embedding_grads, between forward_backward and finish), so it is reduced in finish(), as before.
+
+Same values as the synchronous path: each element is the same sum over the same ranks, divided by the same size
+(bit for bit at DP 2, where the sum is a + b; gloo's ring may group a larger sum differently per bucket layout).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron_est.parallel.grads import _buckets
+
+OVERLAP_BUCKET_NUMEL = 8 * 1024 * 1024  # smaller than the synchronous path's: the first bucket starts sooner
+
+
+class OverlappedGradReduce:
+    def __init__(self, params: list[torch.nn.Parameter], group: Optional[dist.ProcessGroup], dp: int,
+                 bucket_numel: int = OVERLAP_BUCKET_NUMEL):
+        self.params, self.group, self.dp, self.bucket_numel = list(params), group, dp, bucket_numel
+        self.armed = False
+        self.launched_in_backward = 0  # buckets launched from hooks in the last step (observability, tests)
+        self.handles = [p.register_post_accumulate_grad_hook(_marked(self._ready)) for p in self.params] \
+            if dp > 1 else []
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def begin(self, skipped: Iterable[torch.nn.Parameter], n_micro: int) -> None:
+        """Before the step's forward/backward: the parameters that will get a gradient (all but `skipped`,
+        model.skipped_parameters(plan)) and how many micro-batches each gradient accumulates."""
+        if self.dp == 1:
+            return
+        skip = set(skipped)
+        order = [p for p in reversed(self.params) if p not in skip]
+        self.deferred = [p for p in order if getattr(p, "tied_embedding", False)]
+        self.buckets = [list(b) for b in _buckets([p for p in order if p not in self.deferred], self.bucket_numel)]
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self.waiting = [len(b) for b in self.buckets]
+        self.count: dict[torch.nn.Parameter, int] = {}
+        self.n_micro, self.next, self.in_flight = n_micro, 0, []
+        self.launched_in_backward = 0
+        self.armed = True
+
+    def _ready(self, p: torch.nn.Parameter) -> None:
+        i = self.bucket_of.get(p) if self.armed else None
+        if i is None:
+            return
+        self.count[p] = self.count.get(p, 0) + 1
+        if self.count[p] != self.n_micro:
+            return
+        self.waiting[i] -= 1
+        while self.next < len(self.buckets) and self.waiting[self.next] == 0:
+            self._launch(self.buckets[self.next])
+            self.next += 1
+            self.launched_in_backward += 1
+
+    def _launch(self, bucket: list[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in bucket if p.grad is not None]
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            self.in_flight.append((grads, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+
+    def finish(self) -> None:
+        """After forward/backward (and the tied embedding's pipeline sum): every gradient averaged over DP."""
+        if self.dp == 1:
+            return
+        self.armed = False
+        for bucket in self.buckets[self.next:]:
+            self._launch(bucket)
+        for bucket in _buckets(self.deferred, self.bucket_numel):
+            self._launch(bucket)
+        for grads, flat, work in self.in_flight:
+            work.wait()
+            flat.div_(self.dp)
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        self.in_flight = []
+
+
+def _marked(hook):
+    """A hook that parallel/sliced_grad.py's direct gradients keep working with (it fires after the direct write);
+    an unmarked one (DeepSpeed's) makes sliced weights use autograd's path instead."""
+    def fire(p):
+        hook(p)
+    fire.fires_from_direct_grads = True
+    return fire
