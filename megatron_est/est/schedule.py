@@ -104,8 +104,7 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
         raise ConfigError(f"{flag}: the first stage must start at iteration 0, got {starts[0]}")
     if preset and any(b <= a for a, b in zip(starts, starts[1:])):  # the user wrote neither the spec nor its starts
         raise ConfigError(f"--train-iters {train_iters} is too short for the {preset!r} EST schedule (its stages "
-                          f"would start at iterations {starts}): train at least {_shortest_run(spec)} iterations, "
-                          "or pass --est-schedule none")
+                          f"would start at iterations {starts}): train at least {_shortest_run(spec)} iterations")
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(f"{flag}: stage starts must increase strictly, got {starts}")
     return Schedule(tuple(stages))
