@@ -10,6 +10,7 @@ import pytest
 
 from megatron_est.arguments import build_parser, parse_args
 from megatron_est.config import GROUPS, SECTIONS, flag_name
+from megatron_est.validation import validate
 from tests.helpers import ROOT
 
 PRESETS = ("gpt2-tiny", "llama-tiny")  # pretrain_gpt.py's and pretrain_llama.py's
@@ -86,3 +87,24 @@ def test_a_malformed_value_is_one_line_naming_the_flag(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --num-layers/" not in err and "--num-layers" in err, err
+
+
+@pytest.mark.parametrize("iters,warmup,every", [(20, 2, 6), (5, 0, 1), (299, 29, 99), (300, 30, 100),
+                                                (50_000, 30, 100)])
+def test_warmup_and_eval_interval_follow_train_iters_when_not_given(iters, warmup, every):
+    """--help's promise: a tenth of the run (at most 30) and a third of it (at most 100); the old fixed 30 / 100
+    from 300 iterations on, so no run that gives them or trains 300+ iterations changes."""
+    resolved = validate(parse_args(["--train-iters", str(iters)], "x", "gpt2-tiny"), 1)
+    tr = resolved.config.train
+    assert (tr.lr_warmup_iters, tr.eval_interval) == (warmup, every)
+    notes = "\n".join(resolved.notes)
+    assert f"--lr-warmup-iters not given: {warmup}" in notes and f"--eval-interval not given: {every}" in notes
+    assert "--global-batch-size not given: 8 = --micro-batch-size 8 x data-parallel size 1" in notes
+
+
+def test_given_values_are_kept_and_not_reported():
+    argv = ["--train-iters", "20", "--lr-warmup-iters", "30", "--eval-interval", "100", "--global-batch-size", "8"]
+    resolved = validate(parse_args(argv, "x", "gpt2-tiny"), 1)
+    assert (resolved.config.train.lr_warmup_iters, resolved.config.train.eval_interval) == (30, 100)
+    assert resolved.notes == ("warning: --lr-warmup-iters 30 >= --train-iters 20: the learning rate never reaches "
+                              "--lr 0.001",)
