@@ -61,7 +61,7 @@ NET, INIT, REG, TRAIN, LR, CKPT, PREC, DIST, VAL, DATA, LOG, EST, DS = GROUPS
 @dataclass
 class ModelConfig:
     family: str = opt("gpt2", "model family: gpt2 (learned positions, LayerNorm, GELU, biases, tied embeddings) "
-                      "or llama (RoPE, RMSNorm, SwiGLU, no biases, untied)", NET, check=one_of("gpt2", "llama"))
+                      "or llama (RoPE, RMSNorm, SwiGLU, no biases, untied)", NET)  # checked in __post_init__
     num_layers: int = opt(4, "number of transformer layers", NET, check=at_least(1))
     hidden_size: int = opt(256, "transformer hidden size", NET, check=at_least(1))
     num_attention_heads: int = opt(4, "number of attention (query) heads", NET, check=at_least(1))
