@@ -220,16 +220,15 @@ def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int,
 
 
 def engine_plan(cfg) -> EnginePlan:
-    """The EnginePlan of a validated Config (validation.validate resolves a DeepSpeed JSON's stage and precision;
-    the JSON's bucket size, overlap and offload keys are read here)."""
+    """The EnginePlan of a resolved Config (validation.validate(...).config has a DeepSpeed JSON's stage and
+    precision written in; the JSON's bucket size, overlap and offload keys are read here)."""
     import json
 
     e = cfg.engine
     stage = offload = None
     bucket, overlap = DS_REDUCE_BUCKET, False
     if e.deepspeed:
-        stage = getattr(e, "resolved_zero_stage", None)
-        stage = (1 if e.zero_stage is None else e.zero_stage) if stage is None else stage
+        stage = 1 if e.zero_stage is None else e.zero_stage
         zero = {}
         if e.deepspeed_config:
             with open(e.deepspeed_config) as f:
