@@ -98,9 +98,9 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
     from megatron_est.model.build import build_model
     from megatron_est.parallel.state import ParallelState, build_groups
     from megatron_est.training.batches import MicroBatches, RandomTokens
+    from megatron_est.training.build import build_engine
     from megatron_est.training.loop import train
     from megatron_est.training.metrics import MetricsLog
-    from megatron_est.training.optimizer import build_optimizer
 
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
@@ -124,7 +124,7 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
                                    train_iters=iters, lr_warmup_iters=1, log_interval=1, eval_interval=10 ** 9,
                                    seed=1),
                  checkpoint=CheckpointConfig(), engine=EngineConfig(bf16=args.bf16, **ds_engine))
-    validate(cfg, world)
+    cfg = validate(cfg, world).config  # as the entry point runs it
     st = build_groups(ParallelState(world, rank, 1, 1, world,
                                     device=torch.device("cuda", rank) if cuda else torch.device("cpu")))
     data = RandomTokens(model_cfg.vocab_size, model_cfg.seq_length, n=4096, seed=0)
@@ -133,23 +133,15 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
     dist.barrier()
     base_kib = _mem_kib("VmRSS")
     _reset_peak()
-    model = build_model(cfg, st)
-    log = MetricsLog(None, enabled=False)
+    engine = build_engine(cfg, st, build_model(cfg, st))
+    state = train(cfg, st, engine, build_sampler(cfg), batches, None, log=MetricsLog(None, enabled=False))
+    model = engine.module
     if engine_name == "plain":
-        from megatron_est.training.precision import build_precision
-
-        optimizer = build_optimizer(model, cfg.train)
-        state = train(cfg, st, model, optimizer, build_sampler(cfg), batches, None, log=log,
-                      precision=build_precision(cfg.engine, st.device))
         state_bytes = _tensor_bytes(list(model.parameters()) + [p.grad for p in model.parameters()]
-                                    + _optimizer_tensors(optimizer))
-        n_params = sum(p.numel() for p in model.parameters())
+                                    + _optimizer_tensors(engine.optimizer))
     else:
-        run = dse.initialize(cfg, st, model, log)
-        state = train(cfg, st, run.engine, None, build_sampler(cfg), batches, None, log=log,
-                      precision=dse.DeepSpeedMetrics(run), step_fn=dse.step_function(run))
-        state_bytes = _tensor_bytes(_deepspeed_state_tensors(run.engine))
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+        state_bytes = _tensor_bytes(_deepspeed_state_tensors(engine.engine))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         peak_kind = "cuda max_memory_allocated"
@@ -163,9 +155,8 @@ def _worker(rank: int, world: int, port: int, args, engine_name: str, out_dir: s
               "final_loss": losses[-1]}
     with open(os.path.join(out_dir, f"{engine_name}.{rank}.json"), "w") as f:
         json.dump(result, f)
-    if engine_name != "plain":
-        run.destroy()
-        del run
+    engine.close()
+    del engine, model
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

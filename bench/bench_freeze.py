@@ -27,14 +27,10 @@ from bench.common import free_port, interleaved_times, median  # noqa: E402
 from megatron_est.config import Config, EngineConfig, ESTConfig, ParallelConfig, TrainConfig,   # noqa: E402
 from megatron_est.validation import validate  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
-from megatron_est.est.unsampled import unsampled_policy  # noqa: E402
 from megatron_est.model.build import build_model  # noqa: E402
 from megatron_est.parallel.state import ParallelState, build_groups  # noqa: E402
 from megatron_est.training.batches import MicroBatches, RandomTokens  # noqa: E402
-from megatron_est.training.loop import train_step  # noqa: E402
-from megatron_est.training.metrics import MetricsLog  # noqa: E402
-from megatron_est.training import deepspeed_engine as dse  # noqa: E402
-from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+from megatron_est.training.build import build_engine  # noqa: E402
 
 LAYOUTS = {"single": (1, 1, False), "pp2": (2, 2, False), "zero3": (2, 1, True)}  # world, pp, deepspeed
 
@@ -51,24 +47,17 @@ def _cfg(args, pp: int, deepspeed: bool, mode: str) -> Config:
 
 def _step_fn(cfg: Config, st: ParallelState, batches: MicroBatches):
     """One optimizer step of this mode's own model and optimizer, as training/loop.py takes it."""
-    model = build_model(cfg, st)
-    sampler, counter = build_sampler(cfg), {"it": 0}
     if cfg.engine.deepspeed:
-        validate(cfg, st.world_size)
-        run = dse.initialize(cfg, st, model, MetricsLog(None, enabled=False))
-        step, module, opt = dse.step_function(run), run.engine, None
-    else:
-        opt = build_optimizer(model, cfg.train)
-        step = lambda *a, **k: train_step(*a, **k, policy=unsampled_policy(cfg))  # noqa: E731
-        module = model
-    params = [p for p in module.parameters() if p.requires_grad]
+        cfg = validate(cfg, st.world_size).config  # as the entry point runs it
+    engine = build_engine(cfg, st, build_model(cfg, st))
+    sampler, counter = build_sampler(cfg), {"it": 0}
 
     def one() -> None:
         it = counter["it"]
         counter["it"] += 1
         if st.world_size > 1:
             dist.barrier()
-        step(module, opt, params, batches, sampler(it), cfg, st, it)
+        engine.step(batches, sampler(it), it)
     return one
 
 

@@ -92,13 +92,11 @@ def _train(flags: list[str], world: int, rank: int) -> int:
     from megatron_est.parallel.layout import Layout
     from megatron_est.parallel.state import ParallelState, build_groups
     from megatron_est.training.batches import MicroBatches, RandomTokens
+    from megatron_est.training.build import build_engine
     from megatron_est.training.loop import train
     from megatron_est.training.metrics import MetricsLog
-    from megatron_est.training.optimizer import build_optimizer
-    from megatron_est.training.precision import build_precision, configure_model
 
-    cfg = parse_args(flags, "bench", "gpt2-tiny")
-    validate(cfg, world)
+    cfg = validate(parse_args(flags, "bench", "gpt2-tiny"), world).config  # the JSON's stage and precision
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     st = build_groups(ParallelState(world, rank, tp, pp, Layout.of(world, tp, pp).dp))
@@ -111,22 +109,11 @@ def _train(flags: list[str], world: int, rank: int) -> int:
     base = _kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    model = build_model(cfg, st)
-    configure_model(cfg, model)
-    if cfg.engine.deepspeed:
-        from megatron_est.training import deepspeed_engine as dse
-
-        run = dse.initialize(cfg, st, model, log)
-        train(cfg, st, run.engine, None, build_sampler(cfg), batches, None, log=log,
-              precision=dse.DeepSpeedMetrics(run), step_fn=dse.step_function(run))
-    else:
-        opt = build_optimizer(model, cfg.train)
-        train(cfg, st, model, opt, build_sampler(cfg), batches, None, log=log,
-              precision=build_precision(cfg.engine, st.device))
+    engine = build_engine(cfg, st, build_model(cfg, st))
+    train(cfg, st, engine, build_sampler(cfg), batches, None, log=log)
     peak = (_kib("VmHWM") - base) * 1024
     dist.barrier()
-    if cfg.engine.deepspeed:
-        run.destroy()
+    engine.close()
     return peak
 
 
@@ -166,17 +153,16 @@ def estimated(flags: list[str], world: int) -> tuple[list[float], float | None]:
     from megatron_est.planning.memory import engine_plan
     from megatron_est.planning.params import rank_params
 
-    cfg = parse_args(flags, "bench", "gpt2-tiny")
-    validate(cfg, world)
+    cfg = validate(parse_args(flags, "bench", "gpt2-tiny"), world).config  # the JSON's stage and precision
     ours = [m.peak + m.host for m in rank_memory(cfg, world, iteration=cfg.train.train_iters - 1)]
-    if not cfg.engine.deepspeed or cfg.engine.resolved_zero_stage not in (2, 3):  # DeepSpeed estimates ZeRO-2/3
+    if not cfg.engine.deepspeed or cfg.engine.zero_stage not in (2, 3):  # DeepSpeed estimates ZeRO-2/3
         return ours, None
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     p = rank_params(cfg, 0, 0)
     offload = engine_plan(cfg).offload_optimizer  # from the JSON's zero_optimization.offload_optimizer
-    if cfg.engine.resolved_zero_stage == 3:
+    if cfg.engine.zero_stage == 3:
         _, gpu, _ = estimate_zero3_model_states_mem_needs(p.total, p.largest_layer, world, 1, cpu_offload=offload,
                                                           cpu_offload_params=False)
     else:

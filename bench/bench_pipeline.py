@@ -41,8 +41,7 @@ from megatron_est.est.flops import stage_step_flops  # noqa: E402
 from megatron_est.model.build import build_model  # noqa: E402
 from megatron_est.parallel.state import ParallelState, build_groups  # noqa: E402
 from megatron_est.training.batches import MicroBatches, RandomTokens  # noqa: E402
-from megatron_est.training.loop import train_step  # noqa: E402
-from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+from megatron_est.training.engine import TorchEngine  # noqa: E402
 from megatron_est.training.pipeline_schedule import StageTimer  # noqa: E402
 
 VARIANTS = {"full": ("none", True), "stage1 stratified": ("0:0.5,0.5,0.5", True),
@@ -81,18 +80,17 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int,
         cfg = _config(args, tp, pp, schedule, stratified)
         model = build_model(cfg, st)
         data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=4 * cfg.train.global_batch_size)
-        runs[name] = (cfg, model, build_optimizer(model, cfg.train), build_sampler(cfg),
+        runs[name] = (cfg, TorchEngine(cfg, st, model), build_sampler(cfg),
                       MicroBatches(data, cfg.train.global_batch_size, cfg.train.micro_batch_size, st.dp, st.dp_rank))
     results = {name: [] for name in VARIANTS}
     names = list(runs)
     for rnd in range(args.warmup + args.reps):
         for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # rotate: no variant always goes first
-            cfg, model, opt, sampler, batches = runs[name]
+            cfg, engine, sampler, batches = runs[name]
             timer, sub = StageTimer(), sampler(rnd)
-            params = [p for p in model.parameters() if p.requires_grad]
             dist.barrier()  # every variant's step starts with all stages together
             start = time.perf_counter()
-            train_step(model, opt, params, batches, sub, cfg, st, rnd, timer)
+            engine.step(batches, sub, rnd, timer)
             step_s = time.perf_counter() - start
             if rnd >= args.warmup:
                 tokens = cfg.train.global_batch_size * cfg.model.seq_length

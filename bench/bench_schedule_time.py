@@ -6,7 +6,7 @@
 
 Flags after `--` are training flags (model, batch, schedule, --est-target-saving, --est-unsampled-update,
 --num-threads). Each round times one optimizer step of the full model and one of every sampled stage (a new
-subnetwork each step), interleaved so that machine noise hits all alike. A step is training/loop.py's train_step
+subnetwork each step), interleaved so that machine noise hits all alike. A step is the plain engine's step (training/engine.py)
 (forward, backward, clip, AdamW over zero-filled gradients or the freeze step) on random tokens. The schedule's wall-clock saving is 1 - sum(stage iterations x median stage step) /
 (train iterations x median full step), printed next to its FLOPs saving: what a training run would save on a
 quiet machine, without data loading, evaluation or logging.
@@ -28,8 +28,7 @@ from megatron_est.est.savings import schedule_flops  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
 from megatron_est.parallel.state import SINGLE  # noqa: E402
 from megatron_est.training.batches import MicroBatches, RandomTokens  # noqa: E402
-from megatron_est.training.loop import train_step  # noqa: E402
-from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+from megatron_est.training.engine import TorchEngine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = build_sampler(cfg)
     stages = schedule_flops(m, sampler, tr.train_iters, tokens_per_step)
     model = LanguageModel(m, seed=0)
-    opt = build_optimizer(model, tr)
-    params = list(model.parameters())
+    engine = TorchEngine(cfg, SINGLE, model)
     data = RandomTokens(m.vocab_size, m.seq_length, n=4 * tr.micro_batch_size, seed=0)
     batches = MicroBatches(data, tr.micro_batch_size, tr.micro_batch_size, 1, 0)
     counters = {st.stage: st.first for st in stages}
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         if stage is not None:  # draw as training does, walking through the stage's own iterations
             sub, it = sampler(counters[stage]), counters[stage]
             counters[stage] += 1
-        train_step(model, opt, params, batches, sub, cfg, SINGLE, it)
+        engine.step(batches, sub, it)
 
     variants = {"full": lambda: step(None)}
     variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages

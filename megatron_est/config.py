@@ -227,6 +227,8 @@ class TrainConfig:
     eval_limit: int = opt(100, "documents of each --eval-tasks task per evaluation", VAL, check=at_least(1))
     max_nonfinite_steps: int = opt(10, "a step whose loss or gradient norm is not finite is skipped (no update); "
                                    "stop the run after this many in a row", TRAIN, check=at_least(1))
+    verbose: bool = opt(False, "let through third-party warnings that repeat every step or rank (filtered "
+                        "once at start-up otherwise)", LOG)
     peak_tflops: Optional[float] = opt(None, "peak dense TFLOP/s of one device, for the model FLOPs utilisation "
                                        "(MFU) in the log", LOG, check=positive(),
                                        default_text="the GPU's bf16/fp16 peak when known, else no MFU")

@@ -7,16 +7,13 @@ from typing import Optional
 import torch
 
 from megatron_est.config import (CheckpointConfig, Config, EngineConfig, ESTConfig, ParallelConfig, TrainConfig)
-from megatron_est.est.build import build_sampler
+from megatron_est.model.build import build_model  # noqa: F401 (tests build bare models through the harness)
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.build import build_run
 from megatron_est.training.checkpoint_layout import resolve_load
-from megatron_est.training.checkpointing import setup_checkpointing
 from megatron_est.training.evaluate import evaluate
-from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer
-from megatron_est.training.precision import build_precision, configure_model
 from tests.helpers import tiny
 
 # Crosses all three EST stages in 8 iterations: all dimensions sampled, then heads/neurons, then the full model.
@@ -48,41 +45,30 @@ def parallel_state(rank: int, world: int, cfg: Config) -> ParallelState:
     return build_groups(st) if world > 1 else st
 
 
-def build_model(cfg: Config, st: ParallelState):
-    try:
-        from megatron_est.model.build import build_model as _build
-    except ImportError:  # before pipeline parallelism existed
-        from megatron_est.model.language_model import LanguageModel
-
-        return LanguageModel(cfg.model, st, seed=cfg.train.seed)
-    return _build(cfg, st)
-
-
 def dataset(cfg: Config) -> RandomTokens:
     return RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=512, seed=5)
 
 
 def run_plain(cfg: Config, st: ParallelState, hooks=None) -> dict:
     """Train with the plain torch engine (resuming from --load when set); per-iteration losses and the end."""
-    resume = resolve_load(cfg)
-    model = build_model(cfg, st)
-    configure_model(cfg, model)
-    optimizer = build_optimizer(model, cfg.train)
-    precision = build_precision(cfg.engine, st.device)
-    gbs = cfg.train.global_batch_size
-    batches = MicroBatches(dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
-    log = MetricsLog(None, enabled=False)
-    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision)
-    start = state.iteration
+    result = _run(cfg, st, hooks)
+    module = result.pop("module")
+    return {**result, "model": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+
+
+def _run(cfg: Config, st: ParallelState, hooks=None) -> dict:
+    """Build the run as the entry point does (training/build.py), train it, and collect the results."""
+    run = build_run(cfg, st, dataset(cfg), log=MetricsLog(None, enabled=False), resume=resolve_load(cfg))
+    start = run.state.iteration
     if hooks is not None:
-        hooks(model=model, batches=batches, ckpt=ckpt)
+        hooks(model=run.engine.model, batches=run.train_batches, ckpt=run.ckpt)
     try:
-        state = train(cfg, st, model, optimizer, build_sampler(cfg), batches, None, state=state, log=log,
-                      after_step=ckpt.after_step, precision=precision)
+        state = run.train()
     finally:
-        ckpt.close()
-    return {**_results(cfg, st, model, state, start),
-            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        run.ckpt.close()
+    result = {**_results(cfg, st, run.engine.model, state, start), "module": run.engine.module}
+    run.engine.close()
+    return result
 
 
 def _results(cfg: Config, st: ParallelState, model, state, start: int) -> dict:
@@ -105,29 +91,9 @@ def run_deepspeed(cfg: Config, st: ParallelState, hooks=None) -> dict:
     import gc
 
     from megatron_est.validation import validate
-    from megatron_est.training import deepspeed_engine as dse
 
-    validate(cfg, st.world_size)  # resolves the DeepSpeed JSON / derived config
-    resume = resolve_load(cfg)
-    model = build_model(cfg, st)
-    configure_model(cfg, model)
-    log = MetricsLog(None, enabled=False)
-    run = dse.initialize(cfg, st, model, log, resume)
-    engine = run.engine
-    gbs = cfg.train.global_batch_size
-    batches = MicroBatches(dataset(cfg), gbs, cfg.train.micro_batch_size, st.dp, st.dp_rank)
-    ckpt, state = setup_checkpointing(cfg, st, engine, None, gbs, log, resume, engine=engine)
-    start = state.iteration
-    if hooks is not None:
-        hooks(model=engine, batches=batches, ckpt=ckpt)
-    try:
-        state = train(cfg, st, engine, None, build_sampler(cfg), batches, None, state=state, log=log,
-                      after_step=ckpt.after_step, precision=dse.DeepSpeedMetrics(run),
-                      step_fn=dse.step_function(run))
-    finally:
-        ckpt.close()
-    result = _results(cfg, st, engine, state, start)
-    run.destroy()
-    del engine, run
+    cfg = validate(cfg, st.world_size).config  # what the DeepSpeed JSON decides, as the entry point does
+    result = _run(cfg, st, hooks)
+    del result["module"]
     gc.collect()
     return result

@@ -6,9 +6,9 @@ from megatron_est.est.build import build_sampler
 from megatron_est.est.savings import saving, schedule_flops
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer
 from tests.helpers import tiny
 from tools.est_flops import main as est_flops_main
 
@@ -18,7 +18,8 @@ def test_tool_equals_cumulative_flops_of_a_real_run():
                  train=TrainConfig(micro_batch_size=2, train_iters=8, log_interval=1, eval_interval=100))
     model = LanguageModel(cfg.model, seed=1)
     batches = MicroBatches(RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=32), 2, 2, 1, 0)
-    state = train(cfg, _single(), model, build_optimizer(model, cfg.train), build_sampler(cfg), batches, None,
+    st = _single()
+    state = train(cfg, st, TorchEngine(cfg, st, model), build_sampler(cfg), batches, None,
                   log=MetricsLog(None, enabled=False))
     stages = schedule_flops(cfg.model, build_sampler(cfg), 8, 2 * cfg.model.seq_length)
     assert sum(s.flops for s in stages) == state.cumulative_flops

@@ -16,10 +16,10 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer
 from megatron_est.training.pretrain import build_data, extra_valid_name
 from tests.helpers import ROOT, tiny
 
@@ -39,7 +39,7 @@ def test_extra_sets_logged_by_name_and_equal_an_independent_evaluation():
         return MicroBatches(RandomTokens(m.vocab_size, m.seq_length, n=64, seed=seed), 2, 2, 1, 0)
 
     valid, other = batches(5), batches(9)
-    state = train(cfg, st, model, build_optimizer(model, cfg.train), build_sampler(cfg), batches(2), valid,
+    state = train(cfg, st, TorchEngine(cfg, st, model), build_sampler(cfg), batches(2), valid,
                   log=MetricsLog(None, enabled=False), extra_valid_batches={"same": batches(5), "other": other})
     evals = [r for r in state.history if "val_loss" in r]
     assert [r["iteration"] for r in evals] == [3, 6]

@@ -81,15 +81,14 @@ def test_slurm_per_task_launch_with_deepspeed_trains_on_two_processes(tmp_path, 
 # all-reduce (gloo); the time of the raise goes to a file so the test can time the exits from it.
 CRASH = """
 import sys, time
-from megatron_est.training import loop, pretrain
-real_step = loop.train_step
-def failing_step(*args, **kwargs):
-    step, st = args[7], args[6]
-    if st.rank == 1 and step == 2:
+from megatron_est.training import engine, pretrain
+real_step = engine.TorchEngine.step
+def failing_step(self, batches, sub, step, timer=None):
+    if self.st.rank == 1 and step == 2:
         open(sys.argv[1], "w").write(repr(time.time()))
         raise RuntimeError("injected failure at iteration 3")
-    return real_step(*args, **kwargs)
-loop.train_step = failing_step
+    return real_step(self, batches, sub, step, timer)
+engine.TorchEngine.step = failing_step
 pretrain.main(sys.argv[2:])
 """
 

@@ -28,6 +28,7 @@ from megatron_est.model.build import build_model
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
 from megatron_est.training.optimizer import build_optimizer
@@ -78,7 +79,8 @@ def _train_one(cfg: Config, st: ParallelState) -> dict:
     opt.register_step_post_hook(lambda *_: ran.append([]))
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=64, seed=2)
     valid = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=16, seed=3)
-    state = train(cfg, st, model, opt, build_sampler(cfg), MicroBatches(data, GBS, MBS, st.dp, st.dp_rank),
+    state = train(cfg, st, TorchEngine(cfg, st, model, opt), build_sampler(cfg),
+                  MicroBatches(data, GBS, MBS, st.dp, st.dp_rank),
                   MicroBatches(valid, GBS, MBS, st.dp, st.dp_rank), log=MetricsLog(None, enabled=False))
     params = {n: (p.detach().clone(), getattr(p, "partition_dim", None), getattr(p, "pipeline_duplicate", False))
               for n, p in model.global_named_parameters()}

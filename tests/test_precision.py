@@ -14,11 +14,11 @@ from megatron_est.model.language_model import LanguageModel
 from megatron_est.model.recompute import configure_recompute
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer
-from megatron_est.training.precision import DynamicLossScaler, build_precision
+from megatron_est.training.precision import DynamicLossScaler
 from tests.engine_harness import build_model, dataset, held_out_dataset, make_cfg, run_plain, with_checkpoint
 from tests.helpers import tiny, token_batch
 
@@ -112,11 +112,9 @@ def test_bf16_run_evaluates_under_autocast():
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_iters=1, lr=3e-2))
     st, gbs, mbs = ParallelState(), cfg.train.global_batch_size, cfg.train.micro_batch_size
     model = build_model(cfg, st)
-    precision = build_precision(cfg.engine, st.device)
     valid = MicroBatches(held_out_dataset(cfg), gbs, mbs, 1, 0)
-    state = train(cfg, st, model, build_optimizer(model, cfg.train), build_sampler(cfg),
-                  MicroBatches(dataset(cfg), gbs, mbs, 1, 0), valid, log=MetricsLog(None, enabled=False),
-                  precision=precision)
+    state = train(cfg, st, TorchEngine(cfg, st, model), build_sampler(cfg),
+                  MicroBatches(dataset(cfg), gbs, mbs, 1, 0), valid, log=MetricsLog(None, enabled=False))
     logged = [r["val_loss"] for r in state.history if "val_loss" in r]
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -9,7 +9,7 @@ import torch
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training import checkpointing
 from megatron_est.training import optimizer as optim
-from tests import engine_harness
+from megatron_est.training import engine as plain_engine
 from tests.engine_harness import make_cfg, run_plain, with_checkpoint
 
 
@@ -164,7 +164,7 @@ def test_run_saved_with_fused_adam_resumes_with_torch_adamw(tmp_path, monkeypatc
     full = run_plain(cfg, ParallelState())
     ckdir = str(tmp_path / "ck")
     with monkeypatch.context() as m:
-        m.setattr(engine_harness, "build_optimizer", _apex_optimizer)
+        m.setattr(plain_engine, "build_optimizer", _apex_optimizer)  # what TorchEngine builds its optimizer with
         first = run_plain(with_checkpoint(cfg, save=ckdir, exit_interval=4), ParallelState())
     second = run_plain(with_checkpoint(cfg, save=ckdir, load=ckdir), ParallelState())
     assert first["end"] == 4 and second["start"] == 4 and second["end"] == 8

@@ -14,9 +14,9 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer
 from megatron_est.training.scalar_logs import TensorBoardSink, build_sinks, scalars
 from tests.helpers import ROOT, tiny
 
@@ -45,7 +45,7 @@ def test_training_scalars_read_back_by_tensorboard(tmp_path):
     def batches(seed):
         return MicroBatches(RandomTokens(m.vocab_size, m.seq_length, n=32, seed=seed), 2, 2, 1, 0)
 
-    state = train(cfg, st, model, build_optimizer(model, cfg.train), build_sampler(cfg), batches(0), batches(1),
+    state = train(cfg, st, TorchEngine(cfg, st, model), build_sampler(cfg), batches(0), batches(1),
                   log=log, extra_valid_batches={"held": batches(2)})
     log.close()
     ev = _events(str(tmp_path / "tb"))

@@ -13,9 +13,10 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState, build_groups
 from megatron_est.training.batches import MicroBatches, RandomTokens
+from megatron_est.training.engine import TorchEngine
 from megatron_est.training.loop import train
 from megatron_est.training.metrics import MetricsLog
-from megatron_est.training.optimizer import build_optimizer, learning_rate
+from megatron_est.training.optimizer import learning_rate
 from tests.helpers import ROOT, run_distributed, tiny
 
 SCHEDULE = "0:0.5,0.5,0.5;3:0.5,0.5,1;5:1,1,1"  # crosses all three stages in 7 iterations
@@ -33,7 +34,7 @@ def _train(st: ParallelState, tp: int = 1):
     model = LanguageModel(cfg.model, st, seed=4)
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=64, seed=2)
     batches = MicroBatches(data, 4, 2, st.dp, st.dp_rank)
-    state = train(cfg, st, model, build_optimizer(model, cfg.train), build_sampler(cfg), batches, None,
+    state = train(cfg, st, TorchEngine(cfg, st, model), build_sampler(cfg), batches, None,
                   log=MetricsLog(None, enabled=False))
     losses = [r["lm_loss"] for r in state.history]
     norms = [r["grad_norm"] for r in state.history]

@@ -7,8 +7,7 @@ from megatron_est.est.build import build_sampler
 from megatron_est.model.language_model import LanguageModel
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches, RandomTokens
-from megatron_est.training.loop import train_step
-from megatron_est.training.optimizer import build_optimizer
+from megatron_est.training.engine import TorchEngine
 from tests.helpers import tiny
 
 
@@ -19,14 +18,14 @@ def _two_steps(family: str, mode: str):
                  train=TrainConfig(micro_batch_size=2, train_iters=2, lr=1e-2, lr_warmup_iters=0))
     st = ParallelState()
     model = LanguageModel(cfg.model, st, seed=3)
-    opt = build_optimizer(model, cfg.train)
-    params = list(model.parameters())
+    engine = TorchEngine(cfg, st, model)
+    opt, params = engine.optimizer, list(model.parameters())
     batches = MicroBatches(RandomTokens(cfg.model.vocab_size, cfg.model.seq_length, n=8), 2, 2, 1, 0)
     sampler = build_sampler(cfg)
-    train_step(model, opt, params, batches, sampler(0), cfg, st, 0)
+    engine.step(batches, sampler(0), 0)
     before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params}
     sub = sampler(1)
-    train_step(model, opt, params, batches, sub, cfg, st, 1)
+    engine.step(batches, sub, 1)
     return model, opt, sub, before
 
 

@@ -12,6 +12,7 @@ from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
 from megatron_est.est.build import build_sampler
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape
+from megatron_est.parallel.layout import Layout
 from megatron_est.planning.memory import GiB, EnginePlan, estimate
 from megatron_est.planning.params import rank_params
 from megatron_est.planning.step_time import Cluster, StepTime, step_time
@@ -58,9 +59,10 @@ def candidates(cfg: Config, cl: Cluster) -> Iterator[Candidate]:
     gbs = cfg.train.global_batch_size
     for tp in _divisors(cl.gpus_per_node):
         for pp in _divisors(cfg.model.num_layers):
-            if cl.world % (tp * pp):
+            try:
+                dp = Layout.of(cl.world, tp, pp).dp
+            except ConfigError:  # the world does not split into this TP x PP
                 continue
-            dp = cl.world // (tp * pp)
             if gbs % dp:
                 continue
             for mbs in _divisors(gbs // dp):

@@ -37,10 +37,11 @@ import torch.distributed as dist
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.state import ParallelState
-from megatron_est.training.checkpoint_layout import (CHECKPOINT_VERSION, LATEST_FILE, METADATA_FILE, SHARD_FILE,
-    _OLD_PREFIX, _TMP_PREFIX, _metadata, config_dict, est_state_path, iter_dir_name, read_metadata,
-    shard_dir_name, shard_path)
-from megatron_est.training.optimizer import learning_rate, load_optimizer_state, optimizer_state_for_checkpoint
+from megatron_est.training.checkpoint_layout import (CHECKPOINT_VERSION, LATEST_FILE, METADATA_FILE, _OLD_PREFIX,
+                                                     _TMP_PREFIX, _metadata, config_dict, iter_dir_name,
+                                                     read_metadata, shard_path)
+from megatron_est.training.optimizer import learning_rate
+from megatron_est.training.state import TrainState
 
 # --------------------------------------------------------------------------------------------- atomic io
 
@@ -140,14 +141,14 @@ def _gather_rng(st: ParallelState) -> list:
 class Checkpointer:
     """Saves and loads this rank's part of a checkpoint; decides after each step whether to save or stop.
 
-    `engine` is a DeepSpeed engine under --deepspeed (its own checkpoint format), else None. `scaler` is an
-    object with state_dict()/load_state_dict() (the fp16 loss scaler) or None.
+    What is common to every engine lives here (directory layout, atomic publication, pointer, pruning, the
+    iteration, data position, FLOPs counters and RNG streams); the engine (training/engine.py) writes and reads its
+    own files: model, optimizer and loss scaler.
     """
 
-    def __init__(self, cfg: Config, st: ParallelState, model: torch.nn.Module, optimizer, *, gbs: int,
-                 scaler=None, engine=None, signal_handler=None, log=None):
-        self.cfg, self.st, self.model, self.optimizer = cfg, st, model, optimizer
-        self.gbs, self.scaler, self.engine, self.log = gbs, scaler, engine, log
+    def __init__(self, cfg: Config, st: ParallelState, engine, *, gbs: int, signal_handler=None, log=None):
+        self.cfg, self.st, self.engine = cfg, st, engine
+        self.gbs, self.log = gbs, log
         self.signal_handler = signal_handler
         self.last_saved: Optional[int] = None
         self.exit_reason: Optional[str] = None
@@ -180,8 +181,9 @@ class Checkpointer:
     def _payload(self, state) -> dict:
         cfg, st, it = self.cfg, self.st, state.iteration
         tr = cfg.train
-        first = getattr(getattr(self.model, "decoder", None), "first", 0)
-        n_local = len(getattr(getattr(self.model, "decoder", None), "layers", []))
+        module = self.engine.module
+        first = getattr(getattr(module, "decoder", None), "first", 0)
+        n_local = len(getattr(getattr(module, "decoder", None), "layers", []))
         return {
             "checkpoint_version": CHECKPOINT_VERSION, "format": "megatron_est", "iteration": it,
             "consumed_samples": it * self.gbs, "args": config_dict(cfg),
@@ -192,19 +194,16 @@ class Checkpointer:
             "data_loader": {"consumed_samples": it * self.gbs, "global_batch_size": self.gbs,
                             "micro_batch_size": tr.micro_batch_size, "next_step": it},
             "train_state": {"cumulative_flops": int(state.cumulative_flops),
-                            "full_cumulative_flops": int(state.full_cumulative_flops)},
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                            "full_cumulative_flops": int(state.full_cumulative_flops),
+                            "nonfinite_steps": int(state.nonfinite_steps)},
             "rng_state": _gather_rng(st),
             "parallel": {"tp": st.tp, "pp": st.pp, "dp": st.dp, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank,
                          "layer_range": [first, first + n_local],
-                         "partition_dims": {n: int(p.partition_dim) for n, p in self._module().named_parameters()
+                         "partition_dims": {n: int(p.partition_dim) for n, p in module.named_parameters()
                                             if getattr(p, "partition_dim", None) is not None},
-                         "pipeline_duplicates": [n for n, p in self._module().named_parameters()
+                         "pipeline_duplicates": [n for n, p in module.named_parameters()
                                                  if getattr(p, "pipeline_duplicate", False)]},
         }
-
-    def _module(self) -> torch.nn.Module:
-        return self.engine.module if self.engine is not None else self.model
 
     def save(self, state) -> str:
         """Write the checkpoint of state.iteration; a collective: every rank calls it."""
@@ -220,21 +219,11 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
-        payload = self._payload(state)
-        if self.engine is not None:
-            self._save_deepspeed(tmp, name, payload)
-        elif st.dp_rank == 0:
-            shard_dir = os.path.join(tmp, shard_dir_name(st.tp_rank, st.pp_rank, st.pp))
-            os.makedirs(shard_dir, exist_ok=True)
-            payload["model"] = self.model.state_dict()
-            payload["optimizer"] = (optimizer_state_for_checkpoint(self.optimizer) if self.optimizer is not None
-                                    else None)
-            _save_file(payload, os.path.join(shard_dir, SHARD_FILE))
+        self.engine.save(tmp, name, self._payload(state))
         self._barrier()
         if st.rank == 0:
-            engine = "deepspeed" if self.engine is not None else "torch"
             write_text_atomic(os.path.join(tmp, METADATA_FILE),
-                              json.dumps(_metadata(cfg, st, it, self.gbs, engine), indent=1))
+                              json.dumps(_metadata(cfg, st, it, self.gbs, self.engine.kind), indent=1))
             _fsync_dir(tmp)
             old = None
             if os.path.exists(final):  # saving the same iteration again: swap, then drop the old copy
@@ -243,8 +232,7 @@ class Checkpointer:
             os.replace(tmp, final)
             _fsync_dir(root)
             write_text_atomic(os.path.join(root, LATEST_FILE), str(it))
-            if engine == "deepspeed":
-                write_text_atomic(os.path.join(root, "latest"), name)
+            self.engine.published(root, name)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune(root)
@@ -253,19 +241,6 @@ class Checkpointer:
         if self.log is not None:
             self.log.print(f" saved checkpoint at iteration {it} to {root} ({time.perf_counter() - t0:.2f} s)")
         return final
-
-    def _save_deepspeed(self, tmp: str, name: str, payload: dict) -> None:
-        st = self.st
-        self.engine.save_checkpoint(tmp, tag=name, client_state={"megatron_est": True}, save_latest=False)
-        if st.dp_rank == 0:
-            path = os.path.join(tmp, name, f"est_state_{shard_dir_name(st.tp_rank, st.pp_rank, st.pp)}.pt")
-            _save_file(payload, path)
-        self._barrier()
-        if st.rank == 0:  # DeepSpeed wrote tmp/iter_X/...: make tmp itself the iteration directory
-            inner = os.path.join(tmp, name)
-            for entry in os.listdir(inner):
-                os.replace(os.path.join(inner, entry), os.path.join(tmp, entry))
-            os.rmdir(inner)
 
     def _prune(self, root: str) -> None:
         keep = self.cfg.checkpoint.keep_last
@@ -276,52 +251,27 @@ class Checkpointer:
             shutil.rmtree(os.path.join(root, iter_dir_name(old)), ignore_errors=True)
 
     # --------------------------------------------------------------------------------------------- load
-    def load(self, root: str, iteration: int, state_cls):
+    def load(self, root: str, iteration: int) -> TrainState:
         """Restore this rank's part of the checkpoint; returns the TrainState to continue from."""
         cfg, st = self.cfg, self.st
         ck = cfg.checkpoint
-        meta = read_metadata(root, iteration)
-        weights_only = bool(meta.get("weights_only"))
-        if self.engine is not None and not weights_only:
-            payload = self._load_deepspeed(root, iteration)
-        else:
-            path = shard_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
-            if not os.path.isfile(path):
-                raise ConfigError(f"--load {root}: shard {path} is missing")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if self.engine is None:  # under DeepSpeed, weights-only checkpoints load before the engine exists
-                load_model_weights(self.model, payload, path)
-            load_optim = not (ck.no_load_optim or ck.finetune) and payload.get("optimizer") is not None
-            if load_optim and self.engine is None:
-                load_optimizer_state(self.optimizer, payload["optimizer"])
-        if not (ck.no_load_optim or ck.finetune) and self.scaler is not None and payload.get("grad_scaler"):
-            self.scaler.load_state_dict(payload["grad_scaler"])
+        payload = self.engine.load(root, iteration, read_metadata(root, iteration),
+                                   load_optimizer=not (ck.no_load_optim or ck.finetune))
         if not (ck.no_load_rng or ck.finetune) and payload.get("rng_state"):
             states = payload["rng_state"]
             set_rng_state(states[st.dp_rank if st.dp_rank < len(states) else 0])
-        state = state_cls()
+        state = TrainState()
         if not ck.finetune:
             state.iteration = int(payload["iteration"])
             ts = payload.get("train_state") or {}
             state.cumulative_flops = int(ts.get("cumulative_flops", 0))
             state.full_cumulative_flops = int(ts.get("full_cumulative_flops", 0))
+            state.nonfinite_steps = int(ts.get("nonfinite_steps", 0))
         self.last_saved = state.iteration if not ck.finetune else None
         if self.log is not None:
             self.log.print(f" loaded checkpoint {root} at iteration {iteration}"
                            + (" (weights only, starting at iteration 0)" if ck.finetune else ""))
         return state
-
-    def _load_deepspeed(self, root: str, iteration: int) -> dict:
-        ck, st = self.cfg.checkpoint, self.st
-        name = iter_dir_name(iteration)
-        load_optim = not (ck.no_load_optim or ck.finetune)
-        path, _ = self.engine.load_checkpoint(root, tag=name, load_optimizer_states=load_optim,
-                                              load_lr_scheduler_states=load_optim,
-                                              load_module_only=not load_optim)
-        if path is None:
-            raise ConfigError(f"--load {root}: DeepSpeed could not load {name}")
-        extra = est_state_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
-        return torch.load(extra, map_location="cpu", weights_only=True)
 
 
 def load_model_weights(model: torch.nn.Module, payload: dict, path: str) -> None:
@@ -331,23 +281,25 @@ def load_model_weights(model: torch.nn.Module, payload: dict, path: str) -> None
                           f"{unexpected[:3]})")
 
 
-def load_weights_only(model: torch.nn.Module, root: str, iteration: int, st: ParallelState) -> None:
-    """Model weights of a plain-format checkpoint into this rank's (unwrapped) model."""
+def read_shard(root: str, iteration: int, st: ParallelState) -> tuple[dict, str]:
+    """This rank's plain-format shard of a checkpoint, and its path."""
     path = shard_path(root, iteration, st.tp_rank, st.pp_rank, st.pp)
     if not os.path.isfile(path):
         raise ConfigError(f"--load {root}: shard {path} is missing")
-    load_model_weights(model, torch.load(path, map_location="cpu", weights_only=True), path)
+    return torch.load(path, map_location="cpu", weights_only=True), path
 
 
-def setup_checkpointing(cfg: Config, st: ParallelState, model: torch.nn.Module, optimizer, gbs: int, log,
-                        resume: Optional[tuple[str, int]], *, scaler=None, engine=None):
+def load_weights_only(model: torch.nn.Module, root: str, iteration: int, st: ParallelState) -> None:
+    """Model weights of a plain-format checkpoint into this rank's (unwrapped) model."""
+    load_model_weights(model, *read_shard(root, iteration, st))
+
+
+def setup_checkpointing(cfg: Config, st: ParallelState, engine, gbs: int, log, resume: Optional[tuple[str, int]]):
     """The Checkpointer for a run (with the exit-signal handler installed when asked for) and the TrainState to
     start from: loaded from `resume` (see resolve_load) or fresh."""
-    from megatron_est.training.loop import TrainState
     from megatron_est.training.signals import ExitSignalHandler
 
     handler = ExitSignalHandler().__enter__() if cfg.checkpoint.exit_signal_handler else None
-    ckpt = Checkpointer(cfg, st, model, optimizer, gbs=gbs, scaler=scaler, engine=engine, signal_handler=handler,
-                        log=log)
-    state = ckpt.load(*resume, TrainState) if resume is not None else TrainState()
+    ckpt = Checkpointer(cfg, st, engine, gbs=gbs, signal_handler=handler, log=log)
+    state = ckpt.load(*resume) if resume is not None else TrainState()
     return ckpt, state

@@ -18,6 +18,7 @@ prefetching only helps in stages that keep every layer (2 and 3). Correctness is
 from __future__ import annotations
 
 import glob
+import math
 import os
 import tempfile
 from typing import Optional
@@ -28,9 +29,13 @@ import torch.distributed as dist
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.grads import grad_norm_and_clip
 from megatron_est.parallel.state import ParallelState
-from megatron_est.training import deepspeed_pipeline
+from megatron_est.training import checkpoint_layout as layout, deepspeed_pipeline
+from megatron_est.training.checkpoint_layout import est_state_path, iter_dir_name, shard_dir_name
+from megatron_est.training import checkpointing
+from megatron_est.training.checkpointing import load_weights_only, read_shard, write_text_atomic
 from megatron_est.training.deepspeed_config import resolve_config, write_derived
 from megatron_est.training.deepspeed_unsampled import DeepSpeedFreeze, frozen_during_step, zero_stale_gradients
+from megatron_est.training.engine import StepResult
 from megatron_est.training.optimizer import learning_rate
 
 
@@ -108,11 +113,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class DeepSpeedRun:
-    """The engine of a run plus what the training step needs to know about it."""
+class DeepSpeedEngine:
+    """DeepSpeed's engine behind the engine protocol (training/engine.py). `engine` is DeepSpeed's own object: the
+    model evaluation and ZeRO-3 gathering go through; `module` is our model inside it."""
 
-    def __init__(self, engine, ds_config: dict, st: ParallelState):
-        self.engine, self.config, self.st = engine, ds_config, st
+    kind = "deepspeed"
+    precision = None  # DeepSpeed's half-precision module evaluates as it is; no autocast of ours
+
+    def __init__(self, engine, ds_config: dict, cfg: Config, st: ParallelState):
+        self.engine, self.config, self.cfg, self.st = engine, ds_config, cfg, st
         zero = ds_config.get("zero_optimization", {})
         self.stage = int(zero.get("stage", 0))
         self.offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
@@ -124,26 +133,77 @@ class DeepSpeedRun:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def destroy(self) -> None:
+    @property
+    def model(self):
+        return self.engine
+
+    def step(self, batches, sub, step: int, timer=None) -> StepResult:
+        return train_step(self, batches, sub, step, timer)
+
+    def metrics(self) -> dict:
+        """fp16 loss scale and skipped steps as DeepSpeed counts them (empty otherwise)."""
+        engine = self.engine
+        if not engine.fp16_enabled():
+            return {}
+        opt = engine.optimizer
+        scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", 1.0)
+        return {"loss_scale": float(scale), "skipped_iterations": int(engine.skipped_steps)}
+
+    def save(self, tmp_dir: str, name: str, payload: dict) -> None:
+        """DeepSpeed's files (engine.save_checkpoint, tag = the iteration directory's name) plus our
+        est_state_mp_rank_XX[_YYY].pt beside them; DeepSpeed loss-scales and schedules itself."""
+        st = self.st
+        self.engine.save_checkpoint(tmp_dir, tag=name, client_state={"megatron_est": True}, save_latest=False)
+        if st.dp_rank == 0:
+            shard = shard_dir_name(st.tp_rank, st.pp_rank, st.pp)
+            checkpointing._save_file(payload, os.path.join(tmp_dir, name, f"est_state_{shard}.pt"))
+        _barrier()
+        if st.rank == 0:  # DeepSpeed wrote tmp/iter_X/...: make tmp itself the iteration directory
+            inner = os.path.join(tmp_dir, name)
+            for entry in os.listdir(inner):
+                os.replace(os.path.join(inner, entry), os.path.join(tmp_dir, entry))
+            os.rmdir(inner)
+
+    def load(self, root: str, iteration: int, meta: dict, load_optimizer: bool) -> dict:
+        st = self.st
+        if meta.get("weights_only"):  # already loaded into the bare model before the engine existed
+            return read_shard(root, iteration, st)[0]
+        name = iter_dir_name(iteration)
+        path, _ = self.engine.load_checkpoint(root, tag=name, load_optimizer_states=load_optimizer,
+                                              load_lr_scheduler_states=load_optimizer,
+                                              load_module_only=not load_optimizer)
+        if path is None:
+            raise ConfigError(f"--load {root}: DeepSpeed could not load {name}")
+        return torch.load(est_state_path(root, iteration, st.tp_rank, st.pp_rank, st.pp), map_location="cpu",
+                          weights_only=True)
+
+    def published(self, root: str, name: str) -> None:
+        """After our latest pointer moved (rank 0): DeepSpeed's own `latest` file, for its tools (zero_to_fp32)."""
+        write_text_atomic(os.path.join(root, "latest"), name)
+
+    def close(self) -> None:
+        """Before the process group goes: avoids ZeRO-3 aborts at interpreter exit."""
         try:
             self.engine.destroy()
         except Exception:  # noqa: BLE001 (best effort at exit)
             pass
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
-               resume: Optional[tuple[str, int]] = None) -> DeepSpeedRun:
+               resume: Optional[tuple[str, int]] = None) -> DeepSpeedEngine:
     """Wrap this rank's model (a pipeline stage when pp > 1) in a DeepSpeed engine.
 
     A weights-only checkpoint to start from (an imported Hugging Face model, a re-sharded checkpoint) is loaded
     into the bare model first; DeepSpeed checkpoints load through the engine later (Checkpointer.load).
     """
     deepspeed = import_deepspeed()
-    if resume is not None:
-        from megatron_est.training import checkpoint_layout as layout, checkpointing as ckpt
-
-        if layout.read_metadata(*resume).get("weights_only"):
-            ckpt.load_weights_only(model, resume[0], resume[1], st)
+    if resume is not None and layout.read_metadata(*resume).get("weights_only"):
+        load_weights_only(model, resume[0], resume[1], st)
     ds_config = resolve_config(cfg, st.tp, st.pp, st.dp)
     if st.rank == 0:
         path = write_derived(ds_config, cfg)
@@ -164,7 +224,7 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt,
                                            model_parameters=groups if client_opt is None else None,
                                            config=ds_config, mpu=MPU(st), dist_init_required=False)
-    run = DeepSpeedRun(engine, ds_config, st)
+    run = DeepSpeedEngine(engine, ds_config, cfg, st)
     if cfg.est.unsampled_update == "freeze":
         run.freeze = DeepSpeedFreeze(engine, run.stage, st.dp_rank)
     if run.stage == 3:
@@ -185,11 +245,10 @@ def _register_external_params(deepspeed, model: torch.nn.Module) -> None:
         deepspeed.zero.register_external_parameter(model, emb.weight)
 
 
-def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: Config, st: ParallelState,
-               step: int, timer=None, precision=None) -> tuple[float, float]:
+def train_step(run: DeepSpeedEngine, batches, sub, step: int, timer=None) -> StepResult:
     """One optimizer step through DeepSpeed: engine forward/backward per micro-batch, engine.step() each time
-    (DeepSpeed steps the optimizer at the accumulation boundary). Bind `run` with functools.partial to get the
-    loop's step function (model is the engine itself)."""
+    (DeepSpeed steps the optimizer at the accumulation boundary)."""
+    cfg, st = run.cfg, run.st
     engine = run.engine
     module = engine.module
     plan = module.make_plan(sub, st.device)
@@ -215,6 +274,9 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
             if run.stage == 0 and not run.half:  # DeepSpeed reports no norm here: measure it (no clipping)
                 norm0 = grad_norm_and_clip([p for p in module.parameters() if p.grad is not None], 0.0,
                                            st.tp_group, st.tp, st.pp_group, st.pp)
+                if not math.isfinite(norm0):  # torch AdamW, which DeepSpeed steps here, skips gradient-less ones
+                    for p in module.parameters():
+                        p.grad = None
             with frozen_during_step(run, module, plan):
                 engine.step()
     norm = engine.get_global_grad_norm()
@@ -222,33 +284,11 @@ def train_step(run: DeepSpeedRun, model, optimizer, params, batches, sub, cfg: C
     if st.dp > 1:
         dist.all_reduce(loss_sum, group=st.dp_group)
         loss_sum /= st.dp
-    return float(loss_sum), norm
-
-
-def precision_metrics(run: DeepSpeedRun) -> dict:
-    """fp16 loss scale and skipped steps as DeepSpeed counts them (empty otherwise)."""
-    engine = run.engine
-    if not engine.fp16_enabled():
-        return {}
-    opt = engine.optimizer
-    scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", 1.0)
-    return {"loss_scale": float(scale), "skipped_iterations": int(engine.skipped_steps)}
-
-
-class DeepSpeedMetrics:
-    """Adapter so the training loop logs DeepSpeed's fp16 loss scale like the plain engine's."""
-
-    def __init__(self, run: DeepSpeedRun):
-        self.run = run
-
-    def metrics(self) -> dict:
-        return precision_metrics(self.run)
-
-    def state_dict(self):  # DeepSpeed checkpoints its own loss scaler
-        return None
-
-    def load_state_dict(self, sd) -> None:
-        pass
+    loss = float(loss_sum)
+    # DeepSpeed 0.19 skips a step whose gradient norm is inf/nan itself (ZeRO 1-3 and its bf16 optimizer; fp16
+    # counts it as a loss-scale overflow, a normal event); stage 0 in fp32 is skipped above.
+    bad_norm = not math.isfinite(norm) and not run.engine.fp16_enabled()
+    return StepResult(loss, norm, nonfinite=bad_norm or not math.isfinite(loss))
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -261,15 +301,13 @@ def read_deepspeed_module_states(root: str, iteration: int, tp: int, pp: int) ->
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from megatron_est.training import checkpoint_layout as layout
-
-    name = layout.iter_dir_name(iteration)
+    name = iter_dir_name(iteration)
     it_dir = os.path.join(root, name)
     out = {}
     for p in range(pp):
         for t in range(tp):
             mp = p * tp + t
-            extra = torch.load(layout.est_state_path(root, iteration, t, p, pp), map_location="cpu",
+            extra = torch.load(est_state_path(root, iteration, t, p, pp), map_location="cpu",
                                weights_only=True)
             files = [f for f in glob.glob(os.path.join(it_dir, f"*mp_rank_{mp:02d}_*.pt"))
                      if not os.path.basename(f).startswith("est_state_")]
@@ -283,10 +321,3 @@ def read_deepspeed_module_states(root: str, iteration: int, tp: int, pp: int) ->
                 sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=name)
             out[(t, p)] = ({k: v.float() for k, v in sd.items()}, extra["parallel"])
     return out
-
-
-def step_function(run: DeepSpeedRun):
-    """train_step bound to a run, with the signature of the plain engine's step (for training.loop.train)."""
-    import functools
-
-    return functools.partial(train_step, run)

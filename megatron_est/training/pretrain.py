@@ -14,20 +14,16 @@ from megatron_est.arguments import parse_args
 from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
 from megatron_est.data.errors import DataError
-from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.evaluation.in_training import downstream_evaluator
-from megatron_est.kernels import configure_kernels
-from megatron_est.model.build import build_model
 from megatron_est.parallel import state as pstate
-from megatron_est.training.batches import MicroBatches
+from megatron_est.training.build import build_run
 from megatron_est.training.checkpoint_layout import precheck_load, resolve_load
-from megatron_est.training.checkpointing import setup_checkpointing
-from megatron_est.training.precision import build_precision, configure_model
-from megatron_est.training.loop import TrainState, train
+from megatron_est.training.loop import NonFiniteError
 from megatron_est.training.metrics import MetricsLog
+from megatron_est.training.quiet import quiet_third_party
 from megatron_est.training.scalar_logs import build_sinks
-from megatron_est.training.optimizer import build_optimizer
+from megatron_est.training.state import TrainState
 
 
 def fail(msg: str) -> NoReturn:
@@ -54,6 +50,8 @@ def crash(e: Exception) -> NoReturn:
     cause = f"{type(e).__name__}: {text[0] if text else ''}"
     if isinstance(e, (ConfigError, DataError)):
         code, msg = 2, str(e)
+    elif isinstance(e, NonFiniteError):  # every rank took the same decision; the cause is in the message
+        msg = f"rank {rank}: {e}"
     elif isinstance(e, dist.DistError) or any(s in str(e) for s in _PEER_GONE):
         msg = (f"rank {rank}: lost contact with the other ranks (one failed first, was killed or is unreachable; "
                f"see its log): {cause}")
@@ -100,47 +98,33 @@ def extra_valid_name(prefix: str) -> str:
 
 
 def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
-    tr = cfg.train
     tok, train_ds, valid_ds, extra_ds = build_data(cfg, st)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size))
-    validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
+    resolved = validate(cfg, st.world_size)  # again: the vocabulary now comes from the tokenizer
+    cfg = resolved.config  # with what a DeepSpeed JSON decides (precision, ZeRO stage) written in
     resume = resolve_load(cfg)  # a missing or mismatched --load is refused before anything is built
-    gbs = st.layout.global_batch(tr)
-    model = build_model(cfg, st)  # this rank's pipeline stage
-    configure_model(cfg, model)  # activation recompute, apex switch
-    optimizer = build_optimizer(model, tr, cfg.engine.use_apex)
-    precision = build_precision(cfg.engine, st.device)
-    log = MetricsLog(tr.metrics_file, enabled=st.rank == 0, append=resume is not None,
+    log = MetricsLog(cfg.train.metrics_file, enabled=st.rank == 0, append=resume is not None,
                      keep_through=None if resume is None else resume[1])  # drop records past the checkpoint
     log.sinks = build_sinks(cfg, st.rank, st.world_size)  # --tensorboard-dir, --wandb-project
-    ds = engine = step_fn = None
-    if cfg.engine.deepspeed:  # DeepSpeed ZeRO replaces the optimizer, precision and step (imported only here)
-        from megatron_est.training import deepspeed_engine as dse
-
-        ds = dse.initialize(cfg, st, model, log, resume)
-        model, optimizer, engine = ds.engine, None, ds.engine
-        precision, step_fn = dse.DeepSpeedMetrics(ds), dse.step_function(ds)
-    log.print(configure_kernels(cfg.engine, st.device, optimizer))  # TF32 on/off, apex or torch kernels
-    n_params = sum(p.numel() for p in model.parameters())
-    sampler = build_sampler(cfg)  # a pure function of (seed, iteration): one serves logging and training
-    log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-              f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
-              f"EST schedule: {describe_schedule(cfg.est, sampler.schedule)}; "
-              f"unsampled parameters: {cfg.est.unsampled_update}")
-    train_b = MicroBatches(train_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank)
-    valid_b = MicroBatches(valid_ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) if valid_ds is not None else None
-    extra_b = {name: MicroBatches(ds, gbs, tr.micro_batch_size, st.dp, st.dp_rank) for name, ds in extra_ds.items()}
-    ckpt, state = setup_checkpointing(cfg, st, model, optimizer, gbs, log, resume, scaler=precision, engine=engine)
-    downstream = downstream_evaluator(cfg, st, tok, precision)  # --eval-tasks
-    state = train(cfg, st, model, optimizer, sampler, train_b, valid_b, log=log,
-                  state=state, after_step=ckpt.after_step, precision=precision, step_fn=step_fn,
-                  extra_valid_batches=extra_b, downstream=downstream)
-    ckpt.close()
-    if ds is not None:
-        ds.destroy()  # before the process group goes: avoids ZeRO-3 aborts at interpreter exit
+    for note in resolved.notes:  # defaults the run chose (warmup, evaluation cadence, derived batch)
+        log.print(note)
+    run = build_run(cfg, st, train_ds, valid_ds, log=log, resume=resume, extra_valid_ds=extra_ds)
+    run.downstream = downstream_evaluator(cfg, st, tok, run.engine.precision)  # --eval-tasks
+    _header(cfg, st, run)
+    state = run.train()
+    run.close()
     _summary(state, log)
     log.close()
     return state
+
+
+def _header(cfg: Config, st: pstate.ParallelState, run) -> None:
+    # ZeRO-3 leaves each rank an empty placeholder per parameter; ds_numel is the parameter's full size.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+    run.log.print(f"> model {cfg.model.family}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+                  f"{n_params / 1e6:.2f}M parameters on this rank; TP={st.tp} PP={st.pp} DP={st.dp}; "
+                  f"EST schedule: {describe_schedule(cfg.est, run.sampler.schedule)}; "
+                  f"unsampled parameters: {cfg.est.unsampled_update}")
 
 
 def _summary(state: TrainState, log: MetricsLog) -> None:
@@ -161,6 +145,7 @@ def main(argv: Optional[list[str]] = None, default_preset: str = "gpt2-tiny",
          description: str = "Pretrain a language model with Evolving Subnetwork Training") -> TrainState:
     try:
         cfg = parse_args(argv, description, default_preset)
+        quiet_third_party(cfg.train.verbose)
         if cfg.train.dry_run:  # plan only (planning/dry_run.py): a bad plan raises ConfigError, one line below
             from megatron_est.planning.dry_run import dry_run
 
