@@ -76,6 +76,6 @@ def format_train_line(r: dict, train_iters: int) -> str:
             + (f" loss scale: {r['loss_scale']:.1f} | number of skipped iterations: {r['skipped_iterations']:3d} |"
                if "loss_scale" in r else "")
             + (f" number of nan iterations: {r['nonfinite_steps']:3d} |" if r.get("nonfinite_steps") else "")
-            + (f" throughput: {r['tokens_per_s']:.0f} tokens/s | TFLOP/s/device: {r['tflops_per_device']:.2f} (full"
-               f" model {r['full_model_tflops_per_device']:.2f}) |" if "tokens_per_s" in r else "")
+            + (f" throughput: {r['tokens_per_s']:.0f} tokens/s | TFLOP/s/device: {r['tflops_per_device']:.3g} (full"
+               f" model {r['full_model_tflops_per_device']:.3g}) |" if "tokens_per_s" in r else "")
             + (f" MFU: {100 * r['mfu']:.1f}% |" if "mfu" in r else ""))
