@@ -24,7 +24,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from bench.common import free_port, interleaved_times, median  # noqa: E402
-from megatron_est.config import Config, EngineConfig, ESTConfig, ParallelConfig, TrainConfig,   # noqa: E402
+from megatron_est.config import Config, EngineConfig, ESTConfig, ParallelConfig, TrainConfig, model_preset  # noqa: E402
 from megatron_est.validation import validate  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.model.build import build_model  # noqa: E402

@@ -26,9 +26,7 @@ def downstream_evaluator(cfg: Config, st: ParallelState, tokenizer, precision=No
         raise ConfigError("--eval-tasks needs lm-eval (pip install 'lm-eval[hf]')")
     from megatron_est.evaluation.harness import result_rows, run_tasks
     from megatron_est.evaluation.lm import MegatronLM
-    from megatron_est.training.precision import Precision
-
-    autocast = precision.autocast if isinstance(precision, Precision) else None
+    autocast = precision.autocast if precision is not None else None  # the engine's (training/engine.py)
 
     def run(model) -> dict:
         lm = MegatronLM(model, tokenizer, batch_size=tr.micro_batch_size, autocast=autocast, show_progress=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,14 +15,14 @@ from megatron_est.training.precision import Precision
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: MicroBatches, eval_iters: int, st: ParallelState,
-             precision=None) -> float:
-    """precision: the run's training.precision.Precision (bf16/fp16 runs evaluate under the autocast they train
-    with, which also lets GPU attention use its half-precision kernels); anything else (None for fp32, the
-    DeepSpeed adapter, whose module already runs in half precision) evaluates as the module is."""
+             precision: Optional[Precision] = None) -> float:
+    """precision: the engine's (training/engine.py): a bf16/fp16 plain-engine run evaluates under the autocast it
+    trains with, which also lets GPU attention use its half-precision kernels; None (fp32, or DeepSpeed, whose
+    module already runs in half precision) evaluates as the module is."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=st.device)
-    autocast = precision.autocast() if isinstance(precision, Precision) else contextlib.nullcontext()
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     with autocast:
         for step in range(eval_iters):  # through the pipeline stages when pp > 1; the loss is on the last one
             total += forward_only(model, batches, step, st).double()
