@@ -241,6 +241,8 @@ class TrainConfig:
         if self.eval_interval is None:
             self.eval_interval = max(1, min(EVAL_INTERVAL_CAP, iters // EVALS_PER_RUN))
         # Not a dataclass field (so not in checkpoints or replace()): which values the run chose, to log once.
+        # Like ModelConfig's derived sizes, a filled-in value is kept by dataclasses.replace(train_iters=...):
+        # build a new TrainConfig to re-derive it.
         self._scaled = tuple(k for k, v in given.items() if not v)
 
     def scaled_defaults(self) -> tuple[str, ...]:
