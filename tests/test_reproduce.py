@@ -1,6 +1,7 @@
 """A miniature of the reproduction study keeps the tool working: three methods, table, plots, resumability."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_switch_table_by_hand():
         "| est-s0 | 10 | 2.9000 (2.5000) | 2.2000 (2.0000) | -0.7000 (-0.5000) |"
 
 
-@pytest.mark.slow  # three short trainings, 4 processes: about 20 s
+@pytest.mark.slow  # four short trainings, 5 processes: about 25 s
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     """A run stopped part-way (here by --exit-interval, as a kill between checkpoints would leave it) is not
     marked done; launching it again resumes at its checkpoint, and the result equals an uninterrupted run's."""
@@ -84,10 +85,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
         launch(baseline_run([*train, "--exit-interval", "10"], 0), out, "pretrain_gpt.py")
     assert not os.path.exists(os.path.join(out, run.name + ".done"))
     assert os.path.isdir(checkpoint_dir(out, run))
+    lost = str(tmp_path / "lost")  # the checkpoint survived, its metrics did not (a re-created work tree)
+    shutil.copytree(out, lost)
+    os.remove(os.path.join(lost, run.name + ".jsonl"))
     launch(run, out, "pretrain_gpt.py")
     launch(run, ref, "pretrain_gpt.py")
+    launch(run, lost, "pretrain_gpt.py")
     assert "loaded checkpoint" in open(os.path.join(out, run.name + ".log")).read()
     assert "loaded checkpoint" not in open(os.path.join(ref, run.name + ".log")).read()
+    assert "loaded checkpoint" not in open(os.path.join(lost, run.name + ".log")).read()  # started over
     assert not os.path.exists(checkpoint_dir(out, run))  # a finished run deletes its checkpoints
 
     def losses(folder):
@@ -95,7 +101,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
         return [(r["iteration"], r["lm_loss"]) for r in recs if "lm_loss" in r]
 
     got, want = losses(out), losses(ref)
-    assert [i for i, _ in got] == list(range(1, 21))
+    assert [i for i, _ in got] == list(range(1, 21)) and losses(lost) == want
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6)
 
 

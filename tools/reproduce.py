@@ -51,6 +51,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing; report the runs finished so far (safe while the study runs)")
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
+    ap.add_argument("--checkpoint-dir", help="where unfinished runs keep their checkpoints (default "
+                    "OUT/.cache/ckpt, git-ignored); outside the work tree if that may be re-created before a resume")
     args = ap.parse_args(ours)
     names = [n for n, _ in args.variant]
     if len(set(names)) != len(names):
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks += [("est", s, name, tuple(shlex.split(flags))) for name, flags in args.variant
               for s in (args.variant_seeds or args.seeds[:1])]
     study = Study(args.out, args.script, train_argv, with_control="control" in args.methods,
-                  report_only=args.report_only)
+                  report_only=args.report_only, checkpoint_root=args.checkpoint_dir)
     study.run_all(tasks, args.jobs)
     results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_est.training.checkpoint_layout import read_latest_iteration
+
 METHODS = ("baseline", "est", "control")
 CHECKPOINT_FRACTION = 0.05  # of a run's iterations between checkpoints: a kill loses at most this much
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,8 +58,9 @@ def control_iters(metrics_file: str) -> int:
     return max(1, round(last["cumulative_flops"] / last["full_step_flops"]))
 
 
-def checkpoint_dir(out_dir: str, run: Run) -> str:
-    return os.path.join(out_dir, ".cache", "ckpt", run.name)
+def checkpoint_dir(out_dir: str, run: Run, root: Optional[str] = None) -> str:
+    """root: where the study keeps checkpoints (default OUT/.cache/ckpt, which .gitignore's `.cache/` covers)."""
+    return os.path.join(root or os.path.join(out_dir, ".cache", "ckpt"), run.name)
 
 
 def _flag(run: Run, name: str) -> Optional[int]:
@@ -88,7 +91,17 @@ def last_train_iteration(metrics_file: str) -> int:
         return max((json.loads(line)["iteration"] for line in f if '"lm_loss"' in line), default=0)
 
 
-def launch(run: Run, out_dir: str, script: str) -> dict:
+def drop_unusable_checkpoint(ckpt: str, metrics: str) -> None:
+    """A checkpoint whose run's metrics do not reach it (the metrics file lost or older than the checkpoint)
+    would resume into a metrics file with a gap: remove it, so the run starts over."""
+    at = read_latest_iteration(ckpt) if os.path.isdir(ckpt) else None
+    if at is not None and last_train_iteration(metrics) < at:
+        print(f"[study] {ckpt}: checkpoint at iteration {at} but {metrics} ends at "
+              f"{last_train_iteration(metrics)}: starting the run over", flush=True)
+        shutil.rmtree(ckpt)
+
+
+def launch(run: Run, out_dir: str, script: str, ckpt_root: Optional[str] = None) -> dict:
     """Train one run unless its .done marker exists; returns the marker's content. An interrupted run resumes
     from its checkpoint; the trainer then drops the metrics it logged after that checkpoint."""
     done = os.path.join(out_dir, run.name + ".done")
@@ -96,7 +109,8 @@ def launch(run: Run, out_dir: str, script: str) -> dict:
         with open(done) as f:
             return json.load(f)
     metrics = os.path.join(out_dir, run.name + ".jsonl")
-    ckpt = checkpoint_dir(out_dir, run)
+    ckpt = checkpoint_dir(out_dir, run, ckpt_root)
+    drop_unusable_checkpoint(ckpt, metrics)
     cmd = [sys.executable, os.path.join(ROOT, script), *run.argv, "--metrics-file", metrics,
            *checkpoint_flags(run, ckpt)]
     print(f"[study] start {run.name}: {' '.join(cmd[1:])}", flush=True)
@@ -129,6 +143,7 @@ class Study:
     train_argv: list[str]
     with_control: bool = True
     report_only: bool = False  # train nothing: take the finished runs, skip the others
+    checkpoint_root: Optional[str] = None  # see checkpoint_dir
     finished: list[Run] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)  # EST method -> its control method
     errors: list[str] = field(default_factory=list)
@@ -142,7 +157,7 @@ class Study:
             return False
         try:
             with lock:  # two EST variants of equal FLOPs wait for one shared control
-                launch(run, self.out_dir, self.script)
+                launch(run, self.out_dir, self.script, self.checkpoint_root)
         except RuntimeError as e:
             self.errors.append(str(e))
             print(f"[study] {e}", flush=True)
