@@ -58,7 +58,9 @@ JSONS = {"ds_malformed.json": "{\"train_batch_size\": ", "ds_list.json": [1, 2],
          "ds_gas.json": {"gradient_accumulation_steps": 7}, "ds_stage9.json": {"zero_optimization": {"stage": 9}},
          "ds_zero_str.json": {"zero_optimization": "stage 2"}, "ds_bf16_bool.json": {"bf16": True},
          "ds_both.json": {"bf16": {"enabled": True}, "fp16": {"enabled": True}},
-         "ds_fp16.json": {"fp16": {"enabled": True}}}
+         "ds_fp16.json": {"fp16": {"enabled": True}}, "ds_optimizer_str.json": {"optimizer": "adam"},
+         "ds_offload_str.json": {"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+         "ds_clip_str.json": {"gradient_clipping": "big"}}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,9 @@ DEEPSPEED = [  # (argv, world size, culprit)
     (["--deepspeed_config", "ds_bf16_bool.json"], 1, "bf16"),
     (["--deepspeed_config", "ds_both.json"], 1, "fp16"),
     (["--deepspeed_config", "ds_fp16.json", "--bf16"], 1, "--bf16"),
+    (["--deepspeed_config", "ds_optimizer_str.json"], 1, "optimizer"),
+    (["--deepspeed_config", "ds_offload_str.json"], 1, "zero_optimization.offload_optimizer"),
+    (["--deepspeed_config", "ds_clip_str.json"], 1, "gradient_clipping"),
     (["--deepspeed", "--zero-stage", "3", "--pipeline-model-parallel-size", "2"], 2, "--pipeline-model-parallel-size"),
     (["--deepspeed", "--zero-stage", "0", "--offload-optimizer"], 1, "--offload-optimizer"),
     (["--deepspeed", "--zero-stage", "4"], 1, "--zero-stage"),

@@ -46,7 +46,26 @@ def read_user_json(path: str) -> dict:
         raise ConfigError(f"{flag} {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(conf, dict):
         raise ConfigError(f"{flag} {path}: the top level must be a JSON object")
+    _check_shape(conf, f"{flag} {path}")
     return conf
+
+
+# Sections DeepSpeed reads as objects: a scalar there fails deep inside deepspeed.initialize with an AttributeError.
+_OBJECTS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "data_types", "activation_checkpointing")
+_ZERO_OBJECTS = ("offload_optimizer", "offload_param")
+
+
+def _check_shape(conf: dict, where: str) -> None:
+    for key in _OBJECTS:
+        if key in conf and not isinstance(conf[key], dict):
+            raise ConfigError(f"{where}: {key} must be a JSON object, got {conf[key]!r}")
+    for key in _ZERO_OBJECTS:
+        value = conf.get("zero_optimization", {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: zero_optimization.{key} must be a JSON object, got {value!r}")
+    clip = conf.get("gradient_clipping")
+    if not _is_auto(clip) and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"{where}: gradient_clipping must be a number >= 0 or \"auto\", got {clip!r}")
 
 
 def _is_auto(v) -> bool:
