@@ -79,8 +79,8 @@ def build_parser(description: str, default_preset: str) -> argparse.ArgumentPars
             if flag is None:
                 continue
             names = ["--" + flag] + ["--" + a for a in _ALIASES.get((section, f.name), ())]
-            groups[f.metadata["group"]].add_argument(*names, **_arg_kwargs(section, f, hints[f.name], flag,
-                                                                           default_preset))
+            group = groups.get(f.metadata.get("group")) or groups.setdefault("", p.add_argument_group("other"))
+            group.add_argument(*names, **_arg_kwargs(section, f, hints[f.name], flag, default_preset))
     return p
 
 
