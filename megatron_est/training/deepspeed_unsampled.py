@@ -112,22 +112,6 @@ def _zero3_fragments(zero, base, frozen: dict, dp_rank: int) -> list[Fragment]:
     return out
 
 
-def merge_by_partition(fragments: list[Fragment]) -> list[Fragment]:
-    """The sliced parameters' fragments of one flat partition as one fragment (its frozen positions in the whole
-    partition): one index_select / index_copy_ per partition and moment instead of one per parameter, which
-    dominated freeze's cost under ZeRO. Wholly frozen regions (skipped layers) stay contiguous copies."""
-    whole, by_flat = [], {}
-    for f in fragments:
-        if f.frozen.index is None:
-            whole.append(f)
-            continue
-        offset = f.region[0]
-        by_flat.setdefault(id(f.tensor), (f, []))[1].append(f.frozen.index + offset)
-    merged = [Fragment(f.tensor, f.state, Frozen(0, torch.cat(positions)))
-              for f, positions in by_flat.values() if sum(p.numel() for p in positions)]
-    return whole + merged
-
-
 class DeepSpeedFreeze:
     """Holds the frozen elements of the current step across engine.step(): hold() before it, and a post-hook
     on the base optimizer restores them after every base step (ZeRO steps one group at a time)."""
@@ -142,10 +126,10 @@ class DeepSpeedFreeze:
 
     def _fragments(self, frozen: dict) -> list[Fragment]:
         if self.stage == 3:
-            return merge_by_partition(_zero3_fragments(self.zero, self.base, frozen, self.dp_rank))
+            return _zero3_fragments(self.zero, self.base, frozen, self.dp_rank)
         if self.base is self.zero:  # no ZeRO and no DeepSpeed bf16 optimizer: the parameters themselves
             return torch_fragments(self.base, frozen)
-        return merge_by_partition(_zero12_fragments(self.zero, self.base, frozen))
+        return _zero12_fragments(self.zero, self.base, frozen)
 
     def hold(self, frozen: dict) -> None:
         """Call after the step's last backward, right before engine.step()."""
