@@ -42,16 +42,29 @@ def test_miniature_study(tmp_path):
 
 
 def test_flops_to_reach_and_table_by_hand():
-    base = RunResult("baseline", 0, 2.0, 100, 10.0, [(50, 5.0, 3.0), (100, 10.0, 2.0)])
+    base = RunResult("baseline", 0, 2.0, 100, 10.0, [(50, 5.0, 3.0), (100, 10.0, 2.0)], final_train_loss=1.75)
     est = RunResult("est", 0, 1.9, 80, 9.0, [(40, 4.0, 2.5), (80, 9.0, 1.9)])
     assert flops_to_reach(est, 2.0) == 80 and flops_to_reach(est, 1.0) is None
-    _, s = summary_table([base, est])
+    table, s = summary_table([base, est])
     assert s["est"]["flops_saving"] == pytest.approx(0.2) and s["est"]["time_saving"] == pytest.approx(0.1)
+    assert "| baseline | 1 | 2.0000 ± 0.0000 | 1.7500 ± 0.0000 |" in table and "| est | 1 | 1.9000 ± 0.0000 | - |" in table
+    assert s["baseline"]["final_train_loss_mean"] == 1.75 and s["est"]["final_train_loss_mean"] is None
+
+
+def test_load_run_takes_the_last_train_line(tmp_path):
+    from megatron_est.study.report import load_run
+
+    path = tmp_path / "m.jsonl"
+    recs = [{"iteration": i, "lm_loss": 5.0 - i, "interval_time_s": 0.1, "cumulative_flops": 10 * i}
+            for i in (1, 2, 3)] + [{"iteration": 3, "val_loss": 2.5, "cumulative_flops": 30}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = load_run(str(path), "baseline", 0)
+    assert run.final_train_loss == 2.0 and run.final_val_loss == 2.5 and run.flops == 30
 
 
 def test_paired_differences_by_hand():
     def run(method, seed, loss, held):
-        return RunResult(method, seed, loss, 80, 1.0, [(80, 1.0, loss)], {"wiki": held})
+        return RunResult(method, seed, loss, 80, 1.0, [(80, 1.0, loss)], {"wiki": held}, final_train_loss=loss - 0.5)
 
     results = [run("baseline", 0, 2.0, 3.0), run("baseline", 1, 2.2, 3.2), run("est", 0, 2.1, 3.0),
                run("est", 1, 2.5, 3.3), run("control-i7", 0, 2.05, 3.1), run("control-i7", 1, 2.25, 3.1)]
@@ -60,6 +73,7 @@ def test_paired_differences_by_hand():
     assert out["est"]["delta_base"][0] == pytest.approx(0.2)
     assert out["est"]["delta_held"][0] == pytest.approx(0.05)  # diffs -0.1 and +0.2
     assert "+0.1500" in table
+    assert out["est"]["delta_train_ctl"] == pytest.approx((0.15, 0.2 / 2 ** 0.5))  # train = val - 0.5 here
     _, s = summary_table(results)
     assert s["est"]["extra_val_loss"]["wiki"]["mean"] == pytest.approx(3.15)
 

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "matched": study.matched,
                    "errors": study.errors,
                    "runs": [{"method": r.method, "seed": r.seed, "final_val_loss": r.final_val_loss,
+                             "final_train_loss": r.final_train_loss,
                              "final_extra_val_loss": r.final_extra, "flops": r.flops,
                              "train_time_s": r.train_time_s, "stage_starts": r.stage_starts,
                              "final_downstream_acc": r.final_downstream} for r in results]},

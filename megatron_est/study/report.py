@@ -21,12 +21,16 @@ class RunResult:
     stage_starts: list[int] = field(default_factory=list)
     val_iterations: list[int] = field(default_factory=list)  # iteration of each val_curve point
     final_downstream: dict[str, float] = field(default_factory=dict)  # task -> accuracy (--eval-tasks)
+    # The last train line's loss (its mean over the last log interval): against the validation loss it tells
+    # fitting the data apart from generalising on repeated data.
+    final_train_loss: Optional[float] = None
 
 
 def load_run(path: str, method: str, seed: int) -> RunResult:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     t, last_it, curve, flops, extra, stages, last_stage, iters = 0.0, 0, [], 0, {}, [], None, []
+    train_loss = None
     downstream: dict = {}
     for r in recs:
         if "lm_loss" in r:
@@ -34,7 +38,7 @@ def load_run(path: str, method: str, seed: int) -> RunResult:
             if r.get("est_stage") != last_stage and last_stage is not None:
                 stages.append(last_it)
             last_stage = r.get("est_stage")
-            last_it, flops = r["iteration"], r["cumulative_flops"]
+            last_it, flops, train_loss = r["iteration"], r["cumulative_flops"], r["lm_loss"]
         if "val_loss" in r:
             curve.append((r["cumulative_flops"], t, r["val_loss"]))
             iters.append(r["iteration"])
@@ -42,7 +46,7 @@ def load_run(path: str, method: str, seed: int) -> RunResult:
             downstream = {task: row["acc"] for task, row in r.get("downstream", {}).items()}
     if not curve:
         raise ValueError(f"{path}: no validation loss recorded")
-    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages, iters, downstream)
+    return RunResult(method, seed, curve[-1][2], flops, t, curve, extra, stages, iters, downstream, train_loss)
 
 
 def flops_to_reach(run: RunResult, target: float) -> Optional[int]:
@@ -66,13 +70,15 @@ def summary_table(results: list[RunResult]) -> tuple[str, dict]:
     base_flops = statistics.mean(r.flops for r in base) if base else None
     base_time = statistics.mean(r.train_time_s for r in base) if base else None
     extra_names = list(dict.fromkeys(n for r in results for n in r.final_extra))
-    lines = ["| method | seeds | final val loss (mean ± sd) | "
+    lines = ["| method | seeds | final val loss (mean ± sd) | final train loss (last log interval) | "
              + "".join(f"held-out {n} loss | " for n in extra_names)
              + "training FLOPs | FLOPs saving | wall-clock saving | FLOPs to reach baseline's final val loss |",
-             "|---|---|---|" + "---|" * len(extra_names) + "---|---|---|---|"]
+             "|---|---|---|---|" + "---|" * len(extra_names) + "---|---|---|---|"]
     summary = {}
     for m, runs in by.items():
         loss, sd = _mean_sd([r.final_val_loss for r in runs])
+        train = [r.final_train_loss for r in runs if r.final_train_loss is not None]
+        train_txt = "{:.4f} ± {:.4f}".format(*_mean_sd(train)) if train else "-"
         extra = {n: _mean_sd([r.final_extra[n] for r in runs if n in r.final_extra]) for n in extra_names
                  if any(n in r.final_extra for r in runs)}
         flops = statistics.mean(r.flops for r in runs)
@@ -80,6 +86,7 @@ def summary_table(results: list[RunResult]) -> tuple[str, dict]:
         reach = [flops_to_reach(r, target) for r in runs] if target is not None else []
         reached = [x for x in reach if x is not None]
         summary[m] = {"final_val_loss_mean": loss, "final_val_loss_sd": sd, "flops": flops, "train_time_s": tsec,
+                      "final_train_loss_mean": statistics.mean(train) if train else None,
                       "extra_val_loss": {n: {"mean": e[0], "sd": e[1]} for n, e in extra.items()},
                       "flops_saving": 1 - flops / base_flops if base_flops else None,
                       "time_saving": 1 - tsec / base_time if base_time else None,
@@ -90,7 +97,7 @@ def summary_table(results: list[RunResult]) -> tuple[str, dict]:
             f"not reached ({s['reached_baseline']})"
         extra_txt = "".join(f"{extra[n][0]:.4f} ± {extra[n][1]:.4f} | " if n in extra else "- | "
                             for n in extra_names)
-        lines.append(f"| {m} | {len(runs)} | {loss:.4f} ± {sd:.4f} | {extra_txt}{flops:.3e} | "
+        lines.append(f"| {m} | {len(runs)} | {loss:.4f} ± {sd:.4f} | {train_txt} | {extra_txt}{flops:.3e} | "
                      f"{100 * (s['flops_saving'] or 0):.1f}% | {100 * (s['time_saving'] or 0):.1f}% | {reach_txt} |")
     return "\n".join(lines), summary
 
@@ -118,7 +125,7 @@ def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str
     ref = {(r.method, r.seed): r for r in results}
     base_flops = statistics.mean(r.flops for r in by["baseline"]) if "baseline" in by else None
     lines = ["| EST method | seeds | FLOPs saving | val loss | vs matched control | vs baseline | "
-             "held-out vs control |", "|---|---|---|---|---|---|---|"]
+             "held-out vs control | train loss vs control |", "|---|---|---|---|---|---|---|---|"]
     out = {}
     for m, control in matched.items():
         runs = [r for r in by.get(m, []) if (control, r.seed) in ref]
@@ -129,14 +136,18 @@ def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str
                   if ("baseline", r.seed) in ref]
         d_held = [v - ref[(control, r.seed)].final_extra[n] for r in runs for n, v in r.final_extra.items()
                   if n in ref[(control, r.seed)].final_extra]
-        stats = {k: _mean_sd(v) if v else None for k, v in (("ctl", d_ctl), ("base", d_base), ("held", d_held))}
+        d_train = [r.final_train_loss - ref[(control, r.seed)].final_train_loss for r in runs
+                   if r.final_train_loss is not None and ref[(control, r.seed)].final_train_loss is not None]
+        stats = {k: _mean_sd(v) if v else None
+                 for k, v in (("ctl", d_ctl), ("base", d_base), ("held", d_held), ("train_ctl", d_train))}
         saving = 1 - statistics.mean(r.flops for r in runs) / base_flops if base_flops else None
         out[m] = {"control": control, "seeds": len(runs), "flops_saving": saving,
                   "val_loss_mean": statistics.mean(r.final_val_loss for r in runs),
                   **{f"delta_{k}": v for k, v in stats.items()}}
         cell = (lambda v: f"{v[0]:+.4f} ± {v[1]:.4f}" if v else "-")
         lines.append(f"| {m} | {len(runs)} | {100 * (saving or 0):.1f}% | {out[m]['val_loss_mean']:.4f} | "
-                     f"{cell(stats['ctl'])} ({control}) | {cell(stats['base'])} | {cell(stats['held'])} |")
+                     f"{cell(stats['ctl'])} ({control}) | {cell(stats['base'])} | {cell(stats['held'])} | "
+                     f"{cell(stats['train_ctl'])} |")
     return "\n".join(lines), out
 
 
