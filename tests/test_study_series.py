@@ -15,6 +15,11 @@ def _study(folder, iters, losses):
     with open(os.path.join(folder, "baseline-s0.jsonl"), "w") as f:
         f.write(json.dumps({"iteration": iters, "lm_loss": 1.0, "tokens": iters * 100}) + "\n")
         f.write(json.dumps({"iteration": iters, "val_loss": losses[("baseline", 0)]}) + "\n")
+    for (m, s), v in losses.items():  # train loss 0.25 below validation, except the baseline's 1.0
+        if (m, s) != ("baseline", 0):
+            with open(os.path.join(folder, f"{m}-s{s}.jsonl"), "w") as f:
+                f.write(json.dumps({"iteration": iters - 1, "lm_loss": 99.0}) + "\n")
+                f.write(json.dumps({"iteration": iters, "lm_loss": v - 0.25, "tokens": iters * 100}) + "\n")
 
 
 def test_series_on_shared_seeds(tmp_path):
@@ -28,3 +33,6 @@ def test_series_on_shared_seeds(tmp_path):
     assert rows[1]["est"] - rows[1]["baseline"] == pytest.approx(0.1)
     assert os.path.getsize(tmp_path / "out" / "series.png") > 0
     assert "| 10 |" in open(tmp_path / "out" / "series.md").read()  # 1000 tokens / 100 parameters
+    assert rows[0]["est_train"] == pytest.approx(3.15) and rows[0]["baseline_train"] == 1.0  # the last line
+    assert f"| {short} | 1.0000 | 3.1500 | 2.8500 | +0.3000 | +2.0000 | +0.2500 |" in \
+        open(tmp_path / "out" / "series.md").read()

@@ -41,7 +41,34 @@ def study_row(folder: str, seeds: set[int]) -> dict:
     for m, k in kinds.items():
         losses = [r["final_val_loss"] for r in res["runs"] if r["method"] == k and r["seed"] in seeds]
         row[m] = sum(losses) / len(losses)
+        train = [_final_train_loss(os.path.join(folder, f"{k}-s{s}.jsonl")) for s in sorted(seeds)]
+        row[f"{m}_train"] = sum(train) / len(train) if None not in train else None
     return row
+
+
+def _final_train_loss(metrics: str):
+    """The last train line's loss (the mean over its log interval); None without a metrics file."""
+    if not os.path.exists(metrics):
+        return None
+    with open(metrics) as f:
+        return [json.loads(line) for line in f if '"lm_loss"' in line][-1]["lm_loss"]
+
+
+def _train_lines(rows: list[dict]) -> list[str]:
+    """Final train loss beside the validation loss: the validation-minus-train gap grows with repetition."""
+    def cell(v):
+        return f"{v:.4f}" if v is not None else "-"
+
+    def diff(a, b):
+        return f"{a - b:+.4f}" if a is not None and b is not None else "-"
+
+    lines = ["| study | baseline | EST | control | EST - control | baseline val - train | EST val - train |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, e, c = r["baseline_train"], r["est_train"], r["control_train"]
+        lines.append(f"| {r['folder']} | {cell(b)} | {cell(e)} | {cell(c)} | {diff(e, c)} | "
+                     f"{diff(r['baseline'], b)} | {diff(r['est'], e)} |")
+    return lines
 
 
 def _seeds(folder: str) -> set[int]:
@@ -67,11 +94,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lines.append(f"| {r['folder']} | {r['tokens']:.3g} | {r['tokens'] / args.params:.0f} | "
                      f"{r['baseline']:.4f} | {r['est']:.4f} | {r['control']:.4f} | {r['est'] - r['baseline']:+.4f} | "
                      f"{r['est'] - r['control']:+.4f} | {r['control'] - r['baseline']:+.4f} |")
+    train = _train_lines(rows)
     with open(os.path.join(args.out, "series.md"), "w") as f:
         f.write(f"Final validation loss by training length (seeds {sorted(seeds)}, the ones all studies have).\n\n"
-                + "\n".join(lines) + "\n")
+                + "\n".join(lines) + "\n\nFinal train loss (the last log interval's mean), same runs:\n\n"
+                + "\n".join(train) + "\n")
     _plot(rows, args.params, os.path.join(args.out, "series.png"))
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + train))
     return rows
 
 
