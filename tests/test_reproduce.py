@@ -89,7 +89,7 @@ def test_switch_table_by_hand():
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     """A run stopped part-way (here by --exit-interval, as a kill between checkpoints would leave it) is not
     marked done; launching it again resumes at its checkpoint, and the result equals an uninterrupted run's."""
-    from megatron_est.study.runs import baseline_run, checkpoint_dir, launch
+    from megatron_est.study.runs import baseline_run, checkpoint_dir, launch, live_metrics
 
     train = [*TRAIN, "--train-iters", "20", "--data-cache-dir", str(tmp_path / "cache")]
     out, ref = str(tmp_path / "study"), str(tmp_path / "ref")
@@ -98,10 +98,11 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="stopped at iteration 10 of 20"):
         launch(baseline_run([*train, "--exit-interval", "10"], 0), out, "pretrain_gpt.py")
     assert not os.path.exists(os.path.join(out, run.name + ".done"))
-    assert os.path.isdir(checkpoint_dir(out, run))
-    lost = str(tmp_path / "lost")  # the checkpoint survived, its metrics did not (a re-created work tree)
+    assert not os.path.exists(os.path.join(out, run.name + ".jsonl"))  # published only when finished
+    assert os.path.isdir(checkpoint_dir(out, run)) and os.path.isfile(live_metrics(checkpoint_dir(out, run)))
+    lost = str(tmp_path / "lost")  # the checkpoint survived, its metrics did not
     shutil.copytree(out, lost)
-    os.remove(os.path.join(lost, run.name + ".jsonl"))
+    os.remove(live_metrics(checkpoint_dir(lost, run)))
     launch(run, out, "pretrain_gpt.py")
     launch(run, ref, "pretrain_gpt.py")
     launch(run, lost, "pretrain_gpt.py")
@@ -109,6 +110,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert "loaded checkpoint" not in open(os.path.join(ref, run.name + ".log")).read()
     assert "loaded checkpoint" not in open(os.path.join(lost, run.name + ".log")).read()  # started over
     assert not os.path.exists(checkpoint_dir(out, run))  # a finished run deletes its checkpoints
+    assert not os.path.exists(live_metrics(checkpoint_dir(out, run)))
 
     def losses(folder):
         recs = [json.loads(line) for line in open(os.path.join(folder, run.name + ".jsonl"))]

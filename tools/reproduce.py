@@ -10,8 +10,9 @@ Flags after `--` are training flags (pretrain_gpt.py's; --script pretrain_llama.
 many FLOPs as the EST run logged ("control-i<N>": N iterations, its LR schedule ending at its own last step).
 Each --variant "NAME=FLAGS" adds an EST run "est-NAME" with FLAGS appended (on --variant-seeds) and its own
 compute-matched control; variants of equal FLOPs share one. Finished runs are skipped and an interrupted run
-resumes from its last checkpoint (every 5% of its iterations, in OUT/.cache/ckpt/, git-ignored; deleted when
-the run finishes), so a study stopped at any moment continues where it was. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
+resumes from its last checkpoint (every 5% of its iterations, in OUT/.cache/ckpt/, git-ignored, or
+--checkpoint-dir; the unfinished run's metrics file is kept beside it and lands in OUT when the run finishes;
+both are deleted then), so a study stopped at any moment continues where it was. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
 OUT/results.md (tables, command), results.json and plots.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing; report the runs finished so far (safe while the study runs)")
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
-    ap.add_argument("--checkpoint-dir", help="where unfinished runs keep their checkpoints (default "
+    ap.add_argument("--checkpoint-dir", help="where unfinished runs keep their checkpoints and metrics (default "
                     "OUT/.cache/ckpt, git-ignored); outside the work tree if that may be re-created before a resume")
     args = ap.parse_args(ours)
     names = [n for n, _ in args.variant]

@@ -1,6 +1,7 @@
 """Plan and launch the study's training runs, one subprocess each, resumable: finished runs are skipped, and an
 interrupted run resumes from its last checkpoint (every CHECKPOINT_FRACTION of its iterations, under
-OUT/.cache/ckpt/<run>/, which .gitignore's `.cache/` keeps out of git; deleted when the run finishes).
+OUT/.cache/ckpt/<run>/, which .gitignore's `.cache/` keeps out of git, or another root; its metrics file is
+kept beside it until the run finishes and lands in OUT/<run>.jsonl; both are deleted then).
 
 Methods: "baseline" (full model), "est" and "est-<variant>" (EST with extra flags), and "control-i<N>": the full
 model for N iterations, N chosen so that it costs the FLOPs an EST run actually logged, with its own LR schedule
@@ -63,6 +64,12 @@ def checkpoint_dir(out_dir: str, run: Run, root: Optional[str] = None) -> str:
     return os.path.join(root or os.path.join(out_dir, ".cache", "ckpt"), run.name)
 
 
+def live_metrics(ckpt: str) -> str:
+    """An unfinished run's metrics file: beside its checkpoint, so the two are kept or lost together (a work
+    tree laid anew between sessions keeps neither); copied to OUT/<run>.jsonl when the run finishes."""
+    return ckpt + ".jsonl"
+
+
 def _flag(run: Run, name: str) -> Optional[int]:
     """An integer flag's value in the run's argv (the last one given wins, as in argparse); None if absent."""
     values = [run.argv[i + 1] for i, a in enumerate(run.argv[:-1]) if a == name]
@@ -108,31 +115,49 @@ def launch(run: Run, out_dir: str, script: str, ckpt_root: Optional[str] = None)
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    metrics = os.path.join(out_dir, run.name + ".jsonl")
     ckpt = checkpoint_dir(out_dir, run, ckpt_root)
+    metrics = live_metrics(ckpt)
     drop_unusable_checkpoint(ckpt, metrics)
+    t0 = time.time()
+    _train(run, out_dir, script, ckpt, metrics)
+    stopped = last_train_iteration(metrics)
+    if train_iters(run) and stopped < train_iters(run):  # a clean early exit (signal, --exit-interval)
+        raise RuntimeError(f"run {run.name} stopped at iteration {stopped} of {train_iters(run)}; "
+                           f"run the study again to resume it")
+    info = {"name": run.name, "method": run.method, "seed": run.seed, "wall_s": time.time() - t0, "argv": run.argv}
+    _publish(metrics, os.path.join(out_dir, run.name + ".jsonl"))
+    _publish_json(info, done)
+    shutil.rmtree(ckpt, ignore_errors=True)  # after the marker: a kill in between leaves a finished run
+    os.remove(metrics)
+    print(f"[study] done {run.name} in {info['wall_s']:.0f} s (the last launch)", flush=True)
+    return info
+
+
+def _train(run: Run, out_dir: str, script: str, ckpt: str, metrics: str) -> None:
+    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, script), *run.argv, "--metrics-file", metrics,
            *checkpoint_flags(run, ckpt)]
     print(f"[study] start {run.name}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
     with open(os.path.join(out_dir, run.name + ".log"), "a") as log:  # "a": a resumed run keeps its earlier log
         log.write(f"[study] {time.strftime('%Y-%m-%d %H:%M:%S')} start {' '.join(cmd[1:])}\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     if rc != 0:
         raise RuntimeError(f"run {run.name} failed (exit {rc}); see {out_dir}/{run.name}.log")
-    stopped = last_train_iteration(metrics)
-    if train_iters(run) and stopped < train_iters(run):  # a clean early exit (signal, --exit-interval)
-        raise RuntimeError(f"run {run.name} stopped at iteration {stopped} of {train_iters(run)}; "
-                           f"run the study again to resume it")
-    info = {"name": run.name, "method": run.method, "seed": run.seed, "wall_s": time.time() - t0, "argv": run.argv}
-    tmp = done + ".tmp"
+
+
+def _publish(src: str, dst: str) -> None:
+    """Copy through a temporary file in dst's folder and os.replace (src may be on another file system)."""
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _publish_json(obj: dict, dst: str) -> None:
+    tmp = dst + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, done)
-    shutil.rmtree(ckpt, ignore_errors=True)  # after the marker: a kill in between leaves a finished run
-    print(f"[study] done {run.name} in {info['wall_s']:.0f} s", flush=True)
-    return info
+        json.dump(obj, f)
+    os.replace(tmp, dst)
 
 
 @dataclass
