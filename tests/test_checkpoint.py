@@ -81,8 +81,8 @@ def test_layout_latest_pointer_and_keep_last(resumed):
     assert results[0]["after_second"] == ["iter_0000006", "iter_0000008", checkpoint_layout.LATEST_FILE]
     assert open(os.path.join(ckdir, checkpoint_layout.LATEST_FILE)).read().strip() == "8"
     it_dir = os.path.join(ckdir, "iter_0000008")
-    assert sorted(os.listdir(it_dir)) == ["metadata.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
-                                          "mp_rank_01_001"]
+    assert sorted(os.listdir(it_dir)) == ["manifest.json", "metadata.json", "mp_rank_00_000", "mp_rank_00_001",
+                                          "mp_rank_01_000", "mp_rank_01_001"]
     shard = torch.load(os.path.join(it_dir, "mp_rank_01_001", "model_optim_rng.pt"), weights_only=True)
     for key in ("model", "optimizer", "opt_param_scheduler", "iteration", "consumed_samples", "data_loader",
                 "rng_state", "args"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.layout import Layout
 from megatron_est.parallel.state import ParallelState, env_rank_and_world
+from megatron_est.training import checkpoint_manifest as manifest
 
 CHECKPOINT_VERSION = 1
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -106,24 +108,114 @@ def _zero_stage(cfg: Config) -> Optional[int]:
 def resolve_load(cfg: Config) -> Optional[tuple[str, int]]:
     """(directory, iteration) to resume from, None to start fresh; refuses a missing or mismatched checkpoint.
 
-    Pure file reads, the same on every rank: call it before building anything. --load equal to --save with
-    no checkpoint yet is a fresh start (the auto-resume pattern of preemptible jobs); any other --load that
-    holds no checkpoint is refused.
+    The checkpoint the latest pointer names is verified against its manifest; a damaged or incomplete one is
+    reported (path and cause) and the newest intact checkpoint by save order is loaded instead, in one line.
+    File reads only, the same on every rank: call it on every rank (under torch.distributed the checksums are
+    shared out, a collective) before building anything. --load equal to --save with no checkpoint yet is a
+    fresh start (the auto-resume pattern of preemptible jobs); any other --load that holds no checkpoint is
+    refused.
     """
     ck = cfg.checkpoint
     if not ck.load:
         return None
     root = ck.load
     same_as_save = ck.save is not None and os.path.abspath(ck.save) == os.path.abspath(root)
-    iteration = read_latest_iteration(root) if os.path.isdir(root) else None
-    if iteration is None:
+    if not os.path.isdir(root) or not os.path.isfile(os.path.join(root, LATEST_FILE)):
         if same_as_save:
             return None
         what = "does not exist" if not os.path.isdir(root) else f"holds no {LATEST_FILE}"
         raise ConfigError(f"--load {root}: {what} (no checkpoint to load)")
-    meta = read_metadata(root, iteration)
-    check_compatible(cfg, meta, root)
+    iteration = newest_intact(root)
+    check_compatible(cfg, read_metadata(root, iteration), root)
     return root, iteration
+
+
+def newest_intact(root: str) -> int:
+    """The iteration to load: the latest pointer's when its checkpoint is intact, else the newest intact one by
+    save order (said in one line on rank 0); one line and ConfigError when none is intact."""
+    try:
+        latest, problems = read_latest_iteration(root), []
+    except ConfigError as e:
+        latest, problems = None, [str(e).removeprefix(f"--load {root}: ")]
+    candidates = ([latest] if latest is not None else []) + [i for i in reversed(save_order(root)) if i != latest]
+    for it in candidates:
+        status, problem = _inspect(root, it)
+        if status == "damaged":
+            problems.append(problem)
+            continue
+        if problems:
+            _note(f"--load {root}: {problems[0]}; falling back to iteration {it}, the newest intact checkpoint"
+                  + (f" ({len(problems) - 1} more damaged)" if len(problems) > 1 else ""))
+        if status == "unverified":
+            _note(f"--load {root}: iteration {it} has no {manifest.MANIFEST_FILE} (saved before checkpoints had "
+                  "one): loading it unverified")
+        return it
+    more = f" (and {len(problems) - 1} more damaged)" if len(problems) > 1 else ""
+    raise ConfigError(f"--load {root}: no intact checkpoint: {problems[0] if problems else 'none found'}{more}")
+
+
+def _inspect(root: str, iteration: int) -> tuple[str, Optional[str]]:
+    """checkpoint_manifest.verify of one iteration directory, after checking it exists and has metadata."""
+    directory = os.path.join(root, iter_dir_name(iteration))
+    if not os.path.isdir(directory):
+        return "damaged", f"{LATEST_FILE} names iteration {iteration} but {directory} is missing"
+    try:
+        read_metadata(root, iteration)
+    except ConfigError as e:
+        return "damaged", str(e).removeprefix(f"--load {root}: ")
+    return manifest.verify(directory)
+
+
+def _note(msg: str) -> None:
+    """A warning line on rank 0's stderr (every rank reaches the same conclusion)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank_and_world()[0]
+    if rank == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ save order, pruning
+def iteration_dirs(root: str) -> list[int]:
+    """Iterations of the complete checkpoint directories (iter_XXXXXXX/) under root, in no particular order."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return [int(d[5:]) for d in names if d.startswith("iter_") and d[5:].isdigit()
+            and os.path.isdir(os.path.join(root, d))]
+
+
+def _save_key(root: str, iteration: int) -> tuple:
+    """Sort key by save time: the manifest's save counter, then the file time (checkpoints without a manifest
+    count as older than any with one), then the iteration."""
+    directory = os.path.join(root, iter_dir_name(iteration))
+    meta = os.path.join(directory, METADATA_FILE)
+    try:
+        mtime = os.path.getmtime(meta if os.path.exists(meta) else directory)
+    except OSError:
+        mtime = 0.0
+    return manifest.save_seq(directory), mtime, iteration
+
+
+def save_order(root: str) -> list[int]:
+    """Checkpoint iterations under root, oldest save first."""
+    return sorted(iteration_dirs(root), key=lambda it: _save_key(root, it))
+
+
+def next_save_seq(root: str) -> int:
+    return 1 + max((manifest.save_seq(os.path.join(root, iter_dir_name(i))) for i in iteration_dirs(root)),
+                   default=0)
+
+
+def prune_list(root: str, keep: int) -> list[str]:
+    """Checkpoint directories --keep-last `keep` deletes: all but the newest `keep` saves, never the one the
+    latest pointer names (whatever their iteration numbers: a restart into a folder holding higher ones)."""
+    try:
+        latest = read_latest_iteration(root)
+    except ConfigError:
+        latest = None
+    order = save_order(root)
+    old = order[:-keep] if keep > 0 else order
+    return [os.path.join(root, iter_dir_name(it)) for it in old if it != latest]
 
 
 def precheck_load(cfg: Config) -> None:

@@ -74,17 +74,25 @@ def _gather(value) -> list:
     return out
 
 
-def hash_files(directory: str) -> dict[str, dict]:
-    """{relative path: {"size", "crc32"}} of every file (a collective under torch.distributed: every rank hashes
-    its share)."""
+def hash_share(directory: str) -> dict[str, dict]:
+    """{relative path: {"size", "crc32"}} of this rank's share of the files (local: no collective)."""
     rank, world = _distributed()
-    files = list_files(directory)
-    mine = {rel: {"size": os.path.getsize(os.path.join(directory, rel)), ALGORITHM: crc32_of(os.path.join(directory, rel))}
-            for rel in _share(files, rank, world)}
+    return {rel: {"size": os.path.getsize(os.path.join(directory, rel)),
+                  ALGORITHM: crc32_of(os.path.join(directory, rel))}
+            for rel in _share(list_files(directory), rank, world)}
+
+
+def gather_entries(share: dict[str, dict]) -> dict[str, dict]:
+    """All ranks' shares (a collective under torch.distributed)."""
     entries: dict[str, dict] = {}
-    for part in _gather(mine):
+    for part in _gather(share):
         entries.update(part)
     return entries
+
+
+def hash_files(directory: str) -> dict[str, dict]:
+    """Every file's entry: hash_share then gather_entries (a collective under torch.distributed)."""
+    return gather_entries(hash_share(directory))
 
 
 def manifest_text(entries: dict[str, dict], save_seq: int) -> str:

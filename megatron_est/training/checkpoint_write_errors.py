@@ -30,6 +30,10 @@ class CheckpointWriteError(ConfigError):
         self.path, self.cause = path, cause
 
 
+class CheckpointSaveError(ConfigError):
+    """A save that failed (the whole story in one line: which iteration, the path and cause, what survives)."""
+
+
 def _os_error(e: BaseException) -> Optional[OSError]:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -68,6 +72,15 @@ def _probable_cause(path: str) -> Optional[str]:
     if st.f_bavail * st.f_frsize < (1 << 20):
         return f"{os.strerror(errno.ENOSPC)} (ENOSPC)"
     return None
+
+
+def is_io_failure(e: BaseException) -> bool:
+    """A failure to write (reported in one line), as opposed to a bug (which keeps its traceback)."""
+    if isinstance(e, (OSError, CheckpointWriteError)) or _os_error(e) is not None:
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("inline_container", "PytorchStreamWriter",
+                                                                    "file write failed"))
 
 
 def remove_quietly(path: str) -> None:

@@ -18,9 +18,13 @@ The EST subnetwork of a step is a pure function of (seed, iteration), so restori
 EST schedule.
 
 Atomicity: every save goes to a hidden temporary directory that is renamed into place once all ranks have
-written; the latest pointer is replaced (write, fsync, rename) only after that. A process killed at any moment
+written; its manifest.json (every file's size and CRC-32, checkpoint_manifest.py) is written last inside it, and
+the latest pointer is replaced (write, fsync, rename) only after the rename. A process killed at any moment
 therefore leaves the previous checkpoint and the pointer to it intact; leftovers of an interrupted save are
-removed by the next save.
+removed by the next save. A save that cannot write (disk full, a file-size limit, no permission) says so in one
+line naming the path and the cause (every rank agrees on it in place of the barriers between the phases), removes
+what it wrote, leaves the previous checkpoint and the pointer as they were, and stops the run, or lets it go on
+with --save-failure continue. --keep-last keeps the newest saves by save order, never the pointer's checkpoint.
 """
 from __future__ import annotations
 
@@ -37,9 +41,13 @@ import torch.distributed as dist
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.state import ParallelState
+from megatron_est.training import checkpoint_manifest as manifest, safe_load
 from megatron_est.training.checkpoint_layout import (CHECKPOINT_VERSION, LATEST_FILE, METADATA_FILE, _OLD_PREFIX,
                                                      _TMP_PREFIX, _metadata, config_dict, iter_dir_name,
+                                                     next_save_seq, prune_list, read_latest_iteration,
                                                      read_metadata, shard_path)
+from megatron_est.training.checkpoint_write_errors import (CheckpointSaveError, agree, is_io_failure,
+                                                           remove_quietly, write_error)
 from megatron_est.training.optimizer import learning_rate
 from megatron_est.training.state import TrainState
 
@@ -62,20 +70,30 @@ def _fsync_dir(path: str) -> None:
 def _save_file(obj: Any, path: str) -> None:
     """torch.save to a temporary name in the same directory, fsync, rename (tests patch this to kill a save)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        remove_quietly(tmp)  # no partial file left behind
+        if not is_io_failure(e):
+            raise
+        raise write_error(path, e) from e
 
 
 def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise write_error(path, e) from e
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -174,10 +192,6 @@ class Checkpointer:
         return stop
 
     # --------------------------------------------------------------------------------------------- save
-    def _barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-
     def _payload(self, state) -> dict:
         cfg, st, it = self.cfg, self.st, state.iteration
         tr = cfg.train
@@ -205,58 +219,104 @@ class Checkpointer:
                                                  if getattr(p, "pipeline_duplicate", False)]},
         }
 
-    def save(self, state) -> str:
-        """Write the checkpoint of state.iteration; a collective: every rank calls it."""
+    def save(self, state) -> Optional[str]:
+        """Write the checkpoint of state.iteration; a collective: every rank calls it. Returns its directory, or
+        None when it could not be written and --save-failure continue lets training go on."""
         cfg, st, it = self.cfg, self.st, state.iteration
         root = cfg.checkpoint.save
         name = iter_dir_name(it)
         tmp, final = os.path.join(root, _TMP_PREFIX + name), os.path.join(root, name)
         t0 = time.perf_counter()
-        if st.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            for leftover in os.listdir(root):  # interrupted saves of earlier runs
-                if leftover.startswith((_TMP_PREFIX, _OLD_PREFIX)):
-                    shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
-            os.makedirs(tmp)
-        self._barrier()
-        self.engine.save(tmp, name, self._payload(state))
-        self._barrier()
-        if st.rank == 0:
-            write_text_atomic(os.path.join(tmp, METADATA_FILE),
-                              json.dumps(_metadata(cfg, st, it, self.gbs, self.engine.kind), indent=1))
-            _fsync_dir(tmp)
-            old = None
-            if os.path.exists(final):  # saving the same iteration again: swap, then drop the old copy
-                old = os.path.join(root, _OLD_PREFIX + name)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            write_text_atomic(os.path.join(root, LATEST_FILE), str(it))
-            self.engine.published(root, name)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            self._prune(root)
-        self._barrier()
+        rank0 = st.rank == 0
+        error = agree(_attempt(tmp, self._prepare, root, tmp, it) if rank0 else None)
+        if error is None:
+            payload = self._payload(state)  # a collective (every data-parallel rank's RNG streams)
+            error = agree(_attempt(tmp, self.engine.save, tmp, name, payload))
+        share: dict = {}
+        if error is None:  # the manifest: every rank checksums a share of the files
+            error = agree(_attempt(tmp, lambda: share.update(manifest.hash_share(tmp))))
+        if error is None:
+            entries = manifest.gather_entries(share)
+            error = agree(_attempt(root, self._publish, root, tmp, final, name, it, entries) if rank0 else None)
+        if error is not None:
+            return self._save_failed(root, tmp, it, error)
         self.last_saved = it
         if self.log is not None:
             self.log.print(f" saved checkpoint at iteration {it} to {root} ({time.perf_counter() - t0:.2f} s)")
         return final
 
+    def _prepare(self, root: str, tmp: str, it: int) -> None:
+        """Rank 0, first: the save directory, leftovers of interrupted saves removed, the temporary directory
+        with metadata.json."""
+        os.makedirs(root, exist_ok=True)
+        for leftover in os.listdir(root):  # interrupted saves of earlier runs
+            if leftover.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
+        os.makedirs(tmp)
+        write_text_atomic(os.path.join(tmp, METADATA_FILE),
+                          json.dumps(_metadata(self.cfg, self.st, it, self.gbs, self.engine.kind), indent=1))
+
+    def _publish(self, root: str, tmp: str, final: str, name: str, it: int, entries: dict) -> None:
+        """Rank 0, last: the manifest, the rename into place, the latest pointer, pruning."""
+        write_text_atomic(os.path.join(tmp, manifest.MANIFEST_FILE),
+                          manifest.manifest_text(entries, next_save_seq(root)))
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(final):  # saving the same iteration again: swap, then drop the old copy
+            old = os.path.join(root, _OLD_PREFIX + name)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        try:
+            _fsync_dir(root)
+            write_text_atomic(os.path.join(root, LATEST_FILE), str(it))
+        except BaseException:  # the pointer did not move: what it names must stay what it named
+            shutil.rmtree(final, ignore_errors=True)
+            if old is not None:
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        try:  # the checkpoint is saved now: nothing after this may report it lost
+            self.engine.published(root, name)
+        except (OSError, ConfigError) as e:
+            if self.log is not None:
+                self.log.print(f" warning: iteration {it} saved, but {write_error(root, e)} (the engine's own "
+                               "pointer, e.g. DeepSpeed's latest, is not updated)")
+        self._prune(root)
+
+    def _save_failed(self, root: str, tmp: str, it: int, error: str) -> None:
+        """Remove what the failed save wrote; one line; stop (raise) or, with --save-failure continue, go on."""
+        if self.st.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            previous = read_latest_iteration(root)
+        except ConfigError:
+            previous = None
+        kept = (f"the previous checkpoint (iteration {previous}) and {LATEST_FILE} are unchanged"
+                if previous is not None else "no earlier checkpoint")
+        msg = f"--save: checkpoint of iteration {it} not saved: {error}; {kept}"
+        if self.cfg.checkpoint.save_failure == "continue":
+            if self.log is not None:
+                self.log.print(f" warning: {msg}; training continues (--save-failure continue)")
+            return None
+        raise CheckpointSaveError(msg)
+
     def _prune(self, root: str) -> None:
+        """--keep-last N: the newest N saves by save order stay, and always the one the latest pointer names."""
         keep = self.cfg.checkpoint.keep_last
         if not keep:
             return
-        iters = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
-        for old in iters[:-keep]:
-            shutil.rmtree(os.path.join(root, iter_dir_name(old)), ignore_errors=True)
+        for path in prune_list(root, keep):
+            shutil.rmtree(path, ignore_errors=True)
 
     # --------------------------------------------------------------------------------------------- load
     def load(self, root: str, iteration: int) -> TrainState:
         """Restore this rank's part of the checkpoint; returns the TrainState to continue from."""
         cfg, st = self.cfg, self.st
         ck = cfg.checkpoint
-        payload = self.engine.load(root, iteration, read_metadata(root, iteration),
-                                   load_optimizer=not (ck.no_load_optim or ck.finetune))
+        meta = read_metadata(root, iteration)
+        safe_load.check_checkpoint(os.path.join(root, iter_dir_name(iteration)), meta)  # before any unpickling
+        payload = self.engine.load(root, iteration, meta, load_optimizer=not (ck.no_load_optim or ck.finetune))
         if not (ck.no_load_rng or ck.finetune) and payload.get("rng_state"):
             states = payload["rng_state"]
             set_rng_state(states[st.dp_rank if st.dp_rank < len(states) else 0])
@@ -272,6 +332,18 @@ class Checkpointer:
             self.log.print(f" loaded checkpoint {root} at iteration {iteration}"
                            + (" (weights only, starting at iteration 0)" if ck.finetune else ""))
         return state
+
+
+def _attempt(path: str, fn, *args) -> Optional[str]:
+    """Run one phase of a save; the one-line description of a write failure, None when it succeeded (any other
+    error is a bug and propagates with its traceback)."""
+    try:
+        fn(*args)
+    except Exception as e:
+        if not is_io_failure(e):
+            raise
+        return str(write_error(path, e))
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, payload: dict, path: str) -> None:

@@ -31,7 +31,7 @@ from megatron_est.parallel.grads import grad_norm_and_clip
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training import checkpoint_layout as layout, deepspeed_pipeline
 from megatron_est.training.checkpoint_layout import est_state_path, iter_dir_name, shard_dir_name
-from megatron_est.training import checkpointing
+from megatron_est.training import checkpointing, safe_load
 from megatron_est.training.checkpointing import load_weights_only, read_shard, write_text_atomic
 from megatron_est.training.deepspeed_config import resolve_config, write_derived
 from megatron_est.training.deepspeed_unsampled import DeepSpeedFreeze, frozen_during_step, zero_stale_gradients
@@ -303,6 +303,7 @@ def read_deepspeed_module_states(root: str, iteration: int, tp: int, pp: int) ->
 
     name = iter_dir_name(iteration)
     it_dir = os.path.join(root, name)
+    safe_load.check_deepspeed_checkpoint(it_dir)  # zero_to_fp32 unpickles with weights_only=False
     out = {}
     for p in range(pp):
         for t in range(tp):

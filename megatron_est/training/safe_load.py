@@ -70,3 +70,10 @@ def check_deepspeed_checkpoint(directory: str) -> None:
     allowed = deepspeed_types()
     for path in files:
         check_file(path, allowed)
+
+
+def check_checkpoint(directory: str, meta: dict) -> None:
+    """Before any load: a DeepSpeed-format checkpoint's files through the weights-only check (our own files are
+    always read with weights_only=True)."""
+    if meta.get("engine") == "deepspeed" and not meta.get("weights_only"):
+        check_deepspeed_checkpoint(directory)
