@@ -1,6 +1,7 @@
 """Run offline zero-shot tasks through lm-evaluation-harness on any lm_eval LM; results as rows and a table."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,12 +27,28 @@ def run_tasks(lm, names: list[str], limit: int | None = None, log_samples: bool 
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(verbosity)
-    with tempfile.TemporaryDirectory(prefix="megatron_est_tasks_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="megatron_est_tasks_") as tmp, _each_rank_alone():
         manager = TaskManager(include_path=write_task_dir(names, tmp), include_defaults=False,
                               verbosity=verbosity)
         return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                        bootstrap_iters=0, log_samples=log_samples, verbosity=verbosity,
                                        random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+
+
+@contextlib.contextmanager
+def _each_rank_alone():
+    """Our LM scores every request on every rank (its collectives are its own), so to lm-eval each process is
+    a whole evaluation. lm-eval 0.4 returns None instead of the results on a process whose LOCAL_RANK is not 0
+    (its rule for tensor-parallel launches), which broke --eval-tasks on every other rank of a node."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def result_rows(results: dict) -> list[dict]:
