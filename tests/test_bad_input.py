@@ -159,6 +159,7 @@ ENVS = [  # (environment, argv, culprit): the launcher's variables come before a
     ({"WORLD_SIZE": "two", "RANK": "0"}, ["--tensor-model-parallel-size", "3"], "WORLD_SIZE"),
     ({"WORLD_SIZE": "2", "RANK": "5"}, [], "RANK"), ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, [], "LOCAL_RANK"),
     ({"WORLD_SIZE": "0", "RANK": "0"}, [], "WORLD_SIZE"), ({"WORLD_SIZE": "2", "RANK": "-1"}, [], "RANK"),
+    ({"WORLD_SIZE": "2"}, [], "RANK is not"), ({"RANK": "0"}, [], "WORLD_SIZE is not"),
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "abc", "SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"}, [], "SLURM_NTASKS"),
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers"),

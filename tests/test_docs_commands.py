@@ -28,6 +28,7 @@ import sys
 
 import pytest
 
+from megatron_est.config import ConfigError
 from tests.helpers import ROOT
 
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -252,12 +253,13 @@ def test_sbatch_command_from_the_repository_root_needs_no_megatron_est_dir(c, tm
 
 # ------------------------------------------------------------------------------------- the check can fail
 def test_a_wrong_documented_refusal_fails_the_check(tmp_path, monkeypatch):
-    """The README refusal as it was: WORLD_SIZE=2 without RANK is ignored, so the printed error differs."""
+    """The README refusal as it was: WORLD_SIZE=2 without RANK (now refused for that), so the printed error
+    differs from the documented one."""
     doc = tmp_path / "x.md"
     doc.write_text("Refused:\n\n    $ WORLD_SIZE=2 python pretrain_gpt.py --num-attention-heads 5 --hidden-size 320 "
                    "--tensor-model-parallel-size 2\n    error: --num-attention-heads 5 is not divisible by "
                    "--tensor-model-parallel-size 2\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
     (c,) = _commands_in("x.md")
-    with pytest.raises(AssertionError, match="world size 1 is not divisible"):
+    with pytest.raises((AssertionError, ConfigError), match="RANK is not"):  # refused before any plan
         test_training_command_plans_or_is_refused_as_documented(c, monkeypatch)

@@ -71,6 +71,11 @@ SINGLE = ParallelState()
 def env_rank_and_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's or slurm's environment; (0, 1, 0) when neither is set."""
     env = os.environ
+    if ("RANK" in env) != ("WORLD_SIZE" in env):  # half a torchrun environment: one process would train alone
+        given, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise ConfigError(f"launch environment: {given}={env[given]!r} is set but {missing} is not: set both (as "
+                          f"torchrun does) or neither (one process); for a plan of N ranks without a launcher use "
+                          f"--dry-run --world-size N")
     if "RANK" in env and "WORLD_SIZE" in env:
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _slurm_batch_script(env):
