@@ -301,9 +301,8 @@ def runtime_results(tree, cache, tmp_path_factory):
     return json.loads(res.stdout.strip().splitlines()[-1])  # per case: exit status, stderr, tree unchanged
 
 
-# Known gaps, strict: the mark must go when the fix lands. checkpoint_layout.check_compatible indexes
-# meta["model"] of a metadata.json that lacks it (KeyError traceback).
-KNOWN_GAPS = {"ckpt_nomodel": "metadata.json without 'model': KeyError in check_compatible"}
+# Known gaps, strict: the mark must go when the fix lands.
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _runtime_params():

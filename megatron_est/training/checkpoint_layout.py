@@ -233,6 +233,10 @@ def check_compatible(cfg: Config, meta: dict, root: str) -> None:
     """One line naming the first difference in model shape, parallel layout or engine."""
     if meta.get("format") != "megatron_est":
         raise ConfigError(f"--load {root}: not a megatron_est checkpoint (metadata format {meta.get('format')!r})")
+    missing = [k for k in ("model", "parallel") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise ConfigError(f"--load {root}: metadata.json of iteration {meta.get('iteration', '?')} has no "
+                          f"'{missing[0]}' section (incomplete or foreign checkpoint)")
     saved_model, ours = meta["model"], dataclasses.asdict(cfg.model)
     for key, flag in _SHAPE_FIELDS.items():
         if key in saved_model and saved_model[key] != ours.get(key):
