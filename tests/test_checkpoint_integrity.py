@@ -240,6 +240,27 @@ def test_file_size_limit_with_save_failure_continue_trains_on(tmp_path):
     _assert_intact_after_failure(ck)
 
 
+def test_save_into_a_directory_the_os_refuses_is_one_line():
+    """No permission where --save points (/sys refuses a new directory even to root, as EPERM or EROFS; the tests
+    run as root, which file permissions do not stop): one line with the path and errno, nothing written."""
+    from megatron_est.training.checkpoint_write_errors import CheckpointSaveError
+
+    ck = "/sys/megatron_est_no_such_checkpoint_dir"
+    try:
+        os.mkdir(ck)
+    except OSError:
+        pass
+    else:
+        os.rmdir(ck)
+        pytest.skip("/sys accepts new directories here")
+    with pytest.raises(CheckpointSaveError) as e:
+        run_plain(with_checkpoint(make_cfg(iters=2), save=ck, save_interval=2), ParallelState())
+    msg = str(e.value)
+    assert msg.startswith(f"--save: checkpoint of iteration 2 not saved: {ck}: ") and "\n" not in msg
+    assert msg.endswith("; no earlier checkpoint") and "(E" in msg  # the errno's name, e.g. (EPERM)
+    assert not os.path.exists(ck)
+
+
 # ------------------------------------------------------------------------------------------ safe loading
 class _Payload:
     """Unpickling this calls open(marker, "w"): the marker exists if and only if the checkpoint ran code."""
