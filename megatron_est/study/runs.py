@@ -84,7 +84,7 @@ def checkpoint_flags(run: Run, ckpt: str) -> list[str]:
     """--save/--load to one folder (a fresh start while it holds no checkpoint), saved about every
     CHECKPOINT_FRACTION of the run's iterations, at a multiple of --log-interval: a run resumed there logs the
     same train-loss averages as an uninterrupted one (each averages the iterations since the previous line)."""
-    flags = ["--save", ckpt, "--load", ckpt, "--keep-last", "1"]
+    flags = ["--save", ckpt, "--load", ckpt, "--keep-last", "2"]  # 2: a damaged newest one has a fallback
     iters, log = train_iters(run), _flag(run, "--log-interval") or 1
     if iters:
         flags += ["--save-interval", str(log * max(1, round(iters * CHECKPOINT_FRACTION / log)))]
