@@ -23,14 +23,15 @@ from tests.helpers import ROOT, run_distributed
 ITERS, MICRO = 8, 4  # make_cfg: global batch 8, micro-batch 2
 
 
-def _poison(bad_iterations: set, seen: dict):
-    """hooks() for the harness: nan loss on every micro-batch of `bad_iterations` (0-based); records, after each
-    iteration, the weights and the optimizer's state, and whether a gradient of it was nan."""
+def _poison(bad_iterations: set, seen: dict, micro: int = MICRO):
+    """hooks() for the harness: nan loss on every micro-batch of `bad_iterations` (0-based; `micro` forward
+    calls per step on a rank); records, after each iteration, the weights and the optimizer's state, and whether
+    a gradient of it was nan."""
     def hooks(model, batches, ckpt):
         calls = {"n": 0}
 
         def forward_hook(module, args, out):
-            step = calls["n"] // MICRO
+            step = calls["n"] // micro
             calls["n"] += 1
             return out * float("nan") if step in bad_iterations else out
 
@@ -93,7 +94,7 @@ def test_max_nonfinite_steps_in_a_row_stop_with_a_clean_checkpoint_behind(tmp_pa
 def _zero3_worker(rank, world):
     cfg = make_cfg(iters=6, engine={"deepspeed": True, "zero_stage": 3})
     seen: dict = {}
-    res = run_deepspeed(cfg, parallel_state(rank, world, cfg), hooks=_poison({2}, seen))
+    res = run_deepspeed(cfg, parallel_state(rank, world, cfg), hooks=_poison({2}, seen, micro=MICRO // world))
     return {"seen": {k: v["weights"] for k, v in seen.items()}, "records": res["records"]}
 
 
@@ -103,8 +104,9 @@ def test_deepspeed_zero3_skips_a_nonfinite_step():
     pytest.importorskip("deepspeed")
     out = run_distributed(_zero3_worker, 2)[0]
     recs = {r["iteration"]: r for r in out["records"]}
-    assert recs[3]["nonfinite_steps"] == 1 and recs[6]["nonfinite_steps"] == 1
-    assert math.isfinite(recs[6]["lm_loss"])
+    assert math.isnan(recs[3]["lm_loss"]) and recs[3]["nonfinite_steps"] == 1
+    assert recs[2]["nonfinite_steps"] == 0 and recs[6]["nonfinite_steps"] == 1
+    assert all(math.isfinite(recs[i]["lm_loss"]) for i in (4, 5, 6))  # DeepSpeed discarded the nan update
 
 
 def test_lr_1e6_stops_with_one_line_and_exit_1(tmp_path):
