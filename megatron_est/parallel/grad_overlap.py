@@ -48,8 +48,9 @@ class OverlappedGradReduce:
             return
         skip = set(skipped)
         order = [p for p in reversed(self.params) if p not in skip]
-        self.deferred = [p for p in order if getattr(p, "tied_embedding", False)]
-        self.buckets = [list(b) for b in _buckets([p for p in order if p not in self.deferred], self.bucket_numel)]
+        tied = [getattr(p, "tied_embedding", False) for p in order]
+        self.deferred = [p for p, t in zip(order, tied) if t]
+        self.buckets = [list(b) for b in _buckets([p for p, t in zip(order, tied) if not t], self.bucket_numel)]
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         self.waiting = [len(b) for b in self.buckets]
         self.count: dict[torch.nn.Parameter, int] = {}
