@@ -1,68 +1,123 @@
-"""Does slicing turn FLOPs into time? Full-model steps against EST stage-1 and stage-2 steps, side by side.
+"""Does slicing turn FLOPs into time? Full-model steps against EST stage-1 and stage-2 steps, side by side, for
+the new step path and the old one.
 
-    python bench/bench_est_step.py                       # GPT-2 124M shape, seq 256, micro-batch 4
-    python bench/bench_est_step.py --preset gpt2-tiny --reps 10
+    OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 4     # GPT-2 124M shape, seq 256
+    python bench/bench_est_step.py --preset gpt2-tiny --reps 10 --paths new
 
-Each round times one full step and one step per sampled stage (new subnetwork every step), interleaved; the
-table reports median time ratios next to the FLOPs ratios (our counting rule, docs/est.md). "step" is
-forward + backward + zero-fill + clip + AdamW; "fwd+bwd" leaves out the optimizer.
+A step is what the plain engine does (training/engine.py): zero_grad, forward + backward on a new subnetwork,
+the unsampled policy's gradient completion, clipping, the policy's optimizer step (--unsampled-update, freeze by
+default). Paths: "new" = sliced gradients added straight into .grad (parallel/sliced_grad.py), torch's fused
+AdamW, freeze stepping sliced weights on their kept slices (est/unsampled.py Narrowed); "old" = autograd's
+full-size sliced gradients, the multi-tensor (foreach) AdamW, freeze stepping whole tensors and writing the
+frozen elements back. Each round times one step of every (path, stage), interleaved; the table reports median
+time ratios to the same path's full-model step next to the FLOPs ratio (our counting rule, docs/est.md), and
+"saving" = (1 - step ratio) / (1 - FLOPs ratio): the share of the FLOPs saving that became time. Two clocks: wall
+time, and this process's CPU time (time.process_time: with one thread it hardly moves when other jobs share the
+cores, where wall time does; it does not see memory-bandwidth contention).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import interleaved_times, median, model_bench_setup  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import median, model_bench_setup  # noqa: E402
 from megatron_est.config import TrainConfig  # noqa: E402
 from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges  # noqa: E402
 from megatron_est.est.schedule import Schedule, Stage  # noqa: E402
+from megatron_est.est.unsampled import AdamWUpdate, FreezeUpdate  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
-from megatron_est.parallel.grads import grad_norm_and_clip, zero_fill_missing_grads  # noqa: E402
-from megatron_est.training.optimizer import build_optimizer  # noqa: E402
+from megatron_est.parallel.grads import grad_norm_and_clip  # noqa: E402
+from megatron_est.parallel.sliced_grad import set_direct_grads  # noqa: E402
+from megatron_est.training.optimizer import build_optimizer, param_groups  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 STAGES = {"full": (1.0, 1.0, 1.0), "stage1 (0.5,0.5,0.5)": (0.5, 0.5, 0.5), "stage2 (0.5,0.5,1)": (0.5, 0.5, 1.0)}
 
 
+def _paths(model: LanguageModel, tr: TrainConfig, mode: str, names: list[str]) -> dict:
+    """(optimizer, policy, direct gradients) per path; each path has its own optimizer state."""
+    out = {}
+    for name in names:
+        new = name == "new"
+        opt = build_optimizer(model, tr) if new else torch.optim.AdamW(
+            param_groups(model, tr), lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
+            foreach=True)
+        policy = FreezeUpdate(narrow=new) if mode == "freeze" else AdamWUpdate()
+        out[name] = (opt, policy, new)
+    return out
+
+
+def _own_flags() -> argparse.Namespace:
+    """This benchmark's flags; the shared ones (bench/common.py) are parsed from what is left."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--unsampled-update", default="freeze", choices=("freeze", "adamw"))
+    ap.add_argument("--paths", default="new,old", help="comma-separated: new, old")
+    own, rest = ap.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    return own
+
+
 def main() -> None:
+    own = _own_flags()
     args, cfg, tokens = model_bench_setup(__doc__)
+    args.unsampled_update, args.paths = own.unsampled_update, own.paths
     model = LanguageModel(cfg, seed=0)
-    opt = build_optimizer(model, TrainConfig())
     params = list(model.parameters())
+    paths = _paths(model, TrainConfig(), args.unsampled_update, args.paths.split(","))
     strata = Strata(1, 1, even_ranges(cfg.num_layers, 1))
     samplers = {name: SubnetworkSampler(cfg, Schedule((Stage(0, *r),)), 0, strata) for name, r in STAGES.items()}
     counter = {"it": 0}
+    times = {(clock, p, s): {"step": [], "fwd+bwd": []} for clock in CLOCKS for p in paths for s in STAGES}
 
-    def fwd_bwd(name: str) -> None:
+    def step(path: str, stage: str) -> dict:
+        opt, policy, direct = paths[path]
+        set_direct_grads(model, direct)
         counter["it"] += 1
-        plan = model.make_plan(samplers[name](counter["it"]))
+        t0 = {c: f() for c, f in CLOCKS.items()}
+        plan = model.make_plan(samplers[stage](counter["it"]))
         opt.zero_grad(set_to_none=True)
         model(tokens[:, :-1], tokens[:, 1:], plan).mean().backward()
-
-    def step(name: str) -> None:
-        fwd_bwd(name)
-        zero_fill_missing_grads(params)
+        t1 = {c: f() for c, f in CLOCKS.items()}
+        policy.complete_grads(params)
         grad_norm_and_clip(params, 1.0, None, 1)
-        opt.step()
+        policy.step(opt, model, plan)
+        return {c: (f() - t0[c], t1[c] - t0[c]) for c, f in CLOCKS.items()}
 
-    variants = {f"{kind}:{n}": (lambda n=n, f=f: f(n)) for n in STAGES for kind, f in (("step", step),
-                                                                                       ("fwd+bwd", fwd_bwd))}
-    times = interleaved_times(variants, args.reps)
+    load_start = os.getloadavg()
+    for rnd in range(args.reps + 1):  # round 0 warms up (and creates every optimizer's state)
+        for path in paths:
+            for stage in STAGES:
+                for clock, (total, fb) in step(path, stage).items():
+                    if rnd:
+                        times[(clock, path, stage)]["step"].append(total)
+                        times[(clock, path, stage)]["fwd+bwd"].append(fb)
+    load_end = os.getloadavg()
     n_tok = args.micro_batch_size * cfg.seq_length
     full_flops = step_flops(cfg, n_tok)
     print(f"# bench_est_step: preset {args.preset}, seq {cfg.seq_length}, micro-batch {args.micro_batch_size}, "
-          f"{sum(p.numel() for p in params) / 1e6:.1f}M params, threads {args.threads}, reps {args.reps}")
-    print("| variant | FLOPs ratio | step time ratio | diff | fwd+bwd time ratio | diff | median step s |")
-    print("|---|---|---|---|---|---|---|")
-    base_step, base_fb = median(times["step:full"]), median(times["fwd+bwd:full"])
-    for name in STAGES:
-        sub = samplers[name](0)
-        fr = step_flops(cfg, n_tok, sub) / full_flops
-        tr_step, tr_fb = median(times[f"step:{name}"]) / base_step, median(times[f"fwd+bwd:{name}"]) / base_fb
-        print(f"| {name} | {fr:.3f} | {tr_step:.3f} | {tr_step - fr:+.3f} | {tr_fb:.3f} | {tr_fb - fr:+.3f} | "
-              f"{median(times[f'step:{name}']):.3f} |")
+          f"{sum(p.numel() for p in params) / 1e6:.1f}M params, threads {args.threads}, reps {args.reps}, "
+          f"--unsampled-update {args.unsampled_update}; load average (1, 5, 15 min) at start "
+          f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}")
+    print("| clock | path | variant | FLOPs ratio | step time ratio | diff | saving | fwd+bwd time ratio | diff | "
+          "median step s | median optimizer s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for clock in CLOCKS:
+        for path in paths:
+            base = {k: median(v) for k, v in times[(clock, path, "full")].items()}
+            for stage in STAGES:
+                fr = step_flops(cfg, n_tok, samplers[stage](0)) / full_flops
+                t = times[(clock, path, stage)]
+                r_step, r_fb = median(t["step"]) / base["step"], median(t["fwd+bwd"]) / base["fwd+bwd"]
+                saving = f"{(1 - r_step) / (1 - fr):.3f}" if fr < 1 else "-"
+                opt_s = median([a - b for a, b in zip(t["step"], t["fwd+bwd"])])
+                print(f"| {clock} | {path} | {stage} | {fr:.3f} | {r_step:.3f} | {r_step - fr:+.3f} | {saving} | "
+                      f"{r_fb:.3f} | {r_fb - fr:+.3f} | {median(t['step']):.3f} | {opt_s:.3f} |")
 
 
 if __name__ == "__main__":
