@@ -31,7 +31,7 @@ from megatron_est.config import Config
 from megatron_est.est.sampler import Subnetwork
 from megatron_est.est.unsampled import unsampled_policy
 from megatron_est.parallel.grad_overlap import OverlappedGradReduce
-from megatron_est.parallel.grads import grad_norm_and_clip, sync_tied_embedding_grads
+from megatron_est.parallel.grads import grad_norm_and_clip, sync_data_parallel_grads, sync_tied_embedding_grads
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training.batches import MicroBatches
 from megatron_est.training.checkpoint_layout import SHARD_FILE, shard_dir_name
@@ -86,8 +86,9 @@ class TorchEngine:
         self.precision = build_precision(cfg.engine, st.device)
         self.policy = unsampled_policy(cfg)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        # data-parallel averaging overlapped with the last micro-batch's backward (a no-op at DP 1)
-        self.grad_reduce = OverlappedGradReduce(self.params, st.dp_group, st.dp)
+        # data-parallel averaging overlapped with the last micro-batch's backward (a no-op at DP 1); None: after it
+        self.grad_reduce = (OverlappedGradReduce(self.params, st.dp_group, st.dp)
+                            if cfg.engine.overlap_grad_reduce else None)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -100,11 +101,15 @@ class TorchEngine:
         st, params, optimizer = self.st, self.params, self.optimizer
         plan = self.module.make_plan(sub, st.device)
         optimizer.zero_grad(set_to_none=True)
-        self.grad_reduce.begin(self.module.skipped_parameters(plan), batches.num_micro)
+        if self.grad_reduce is not None:
+            self.grad_reduce.begin(self.module.skipped_parameters(plan), batches.num_micro)
         loss_sum = forward_backward(self.module, batches, step, plan, st, timer, self.precision)
         if st.pp > 1:
             sync_tied_embedding_grads(params, st.embd_group)
-        self.grad_reduce.finish()
+        if self.grad_reduce is not None:
+            self.grad_reduce.finish()
+        else:
+            sync_data_parallel_grads(params, st.dp_group, st.dp)
         self.policy.complete_grads(params)
         if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
             dist.all_reduce(loss_sum, group=st.pp_group)
@@ -151,4 +156,5 @@ class TorchEngine:
         return payload
 
     def close(self) -> None:
-        pass
+        if self.grad_reduce is not None:
+            self.grad_reduce.remove()
