@@ -1,5 +1,6 @@
 """tools/convert_checkpoint.py: merge/split TP x PP shards, export to and import from Hugging Face folders."""
 import dataclasses
+import glob
 import os
 
 import pytest
@@ -93,6 +94,10 @@ def test_import_then_export_is_lossless(family, tie, tmp_path):
     assert tool.main(["import-hf", "--hf-dir", str(tmp_path / "orig"), "--save", str(tmp_path / "ckpt"),
                       "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                       "--make-vocab-size-divisible-by", "64"]) == 0
+    from megatron_est.training import checkpoint_manifest
+
+    it_dir = glob.glob(str(tmp_path / "ckpt" / "iter_*"))[0]  # written like a training save: verified on --load
+    assert checkpoint_manifest.verify(it_dir) == ("ok", None)
     assert tool.main(["export-hf", "--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back")]) == 0
     orig = load_file(str(tmp_path / "orig" / "model.safetensors"))
     back = load_file(str(tmp_path / "back" / "model.safetensors"))

@@ -20,7 +20,7 @@ import torch
 from megatron_est.config import Config, ConfigError, ModelConfig, ParallelConfig
 from megatron_est.convert.hf import from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from megatron_est.parallel.state import ParallelState
-from megatron_est.training import checkpoint_layout as layout, checkpointing as ckpt
+from megatron_est.training import checkpoint_layout as layout, checkpoint_manifest as manifest, checkpointing as ckpt
 
 _LAYER_PREFIX = "decoder.layers."
 
@@ -175,6 +175,9 @@ def write_weights_checkpoint(root: str, cfg: Config, full: dict, iteration: int 
     if data_args:
         meta["args"] = {"data": data_args}
     ckpt.write_text_atomic(os.path.join(tmp, layout.METADATA_FILE), json.dumps(meta, indent=1))
+    # last inside it, as a training save does: --load verifies it (and does not say "unverified")
+    ckpt.write_text_atomic(os.path.join(tmp, manifest.MANIFEST_FILE),
+                           manifest.manifest_text(manifest.hash_files(tmp), layout.next_save_seq(root)))
     os.replace(tmp, final)
     ckpt.write_text_atomic(os.path.join(root, layout.LATEST_FILE), str(iteration))
     return final
