@@ -57,3 +57,23 @@ def run_distributed(fn: Callable, world: int, *args) -> list:
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def tiny_cli_argv(tmp_path, iters: int, eval_interval: int) -> list[str]:
+    """Entry-point flags for a 2-layer GPT-2 on a small random indexed dataset written once under tmp_path
+    (GPT-2's shipped tokenizer files), one thread, a log line every iteration."""
+    import numpy as np
+
+    from megatron_est.data.indexed_dataset import write_indexed_dataset
+    from megatron_est.data.tokenizers import gpt2_files
+
+    prefix = os.path.join(str(tmp_path), "toks_text_document")
+    if not os.path.exists(prefix + ".bin"):
+        rng = np.random.default_rng(0)
+        write_indexed_dataset(prefix, [rng.integers(0, 200, size=60 + 5 * i) for i in range(40)], np.uint16)
+    vocab, merges = gpt2_files()
+    return ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+            "--merge-file", merges, "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--log-interval", "1", "--eval-interval", str(eval_interval), "--eval-iters", "1", "--lr", "1e-3",
+            "--data-cache-dir", os.path.join(str(tmp_path), "cache"), "--num-threads", "1"]

@@ -18,7 +18,7 @@ from megatron_est.config import ConfigError
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training import checkpoint_layout as layout, checkpoint_manifest as manifest
 from tests.engine_harness import make_cfg, run_plain, with_checkpoint
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_cli_argv
 
 SHARD = os.path.join("mp_rank_00", layout.SHARD_FILE)
 
@@ -117,22 +117,8 @@ def test_prune_never_deletes_what_latest_names(saved, tmp_path):
 # ------------------------------------------------------------------------------------ file-size limit
 def _cli_argv(tmp_path, ck, extra=()):
     """A tiny GPT-2 through the real entry point, on a small indexed dataset written here."""
-    import numpy as np
-
-    from megatron_est.data.indexed_dataset import write_indexed_dataset
-    from megatron_est.data.tokenizers import gpt2_files
-
-    prefix = str(tmp_path / "toks_text_document")
-    if not (tmp_path / "toks_text_document.bin").exists():
-        rng = np.random.default_rng(0)
-        write_indexed_dataset(prefix, [rng.integers(0, 200, size=60 + 5 * i) for i in range(40)], np.uint16)
-    vocab, merges = gpt2_files()
-    return ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
-            "--merge-file", merges, "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
-            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
-            "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--lr", "1e-3",
-            "--data-cache-dir", str(tmp_path / "cache"), "--num-threads", "1", "--save", ck, "--load", ck,
-            "--save-interval", "2", *extra]
+    return [*tiny_cli_argv(tmp_path, iters=4, eval_interval=4), "--save", ck, "--load", ck, "--save-interval", "2",
+            *extra]
 
 
 def _file_size_limit():

@@ -5,26 +5,15 @@ import shutil
 
 import numpy as np
 
-from megatron_est.data.indexed_dataset import write_indexed_dataset
-from megatron_est.data.tokenizers import gpt2_files
 from megatron_est.training.metrics import truncate_records
 from megatron_est.training.pretrain import main
+from tests.helpers import tiny_cli_argv
 
 ITERS = 12
 
 
 def _argv(tmp_path, metrics, extra=()):
-    prefix = str(tmp_path / "toks_text_document")
-    if not (tmp_path / "toks_text_document.bin").exists():
-        rng = np.random.default_rng(0)
-        write_indexed_dataset(prefix, [rng.integers(0, 200, size=60 + 5 * i) for i in range(40)], np.uint16)
-    vocab, merges = gpt2_files()
-    return ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
-            "--merge-file", merges, "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
-            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", str(ITERS), "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1",
-            "--lr", "1e-3", "--data-cache-dir", str(tmp_path / "cache"), "--num-threads", "1",
-            "--metrics-file", str(metrics), *extra]
+    return [*tiny_cli_argv(tmp_path, iters=ITERS, eval_interval=3), "--metrics-file", str(metrics), *extra]
 
 
 def _records(path):
