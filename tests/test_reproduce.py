@@ -90,6 +90,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     """A run stopped part-way (here by --exit-interval, as a kill between checkpoints would leave it) is not
     marked done; launching it again resumes at its checkpoint, and the result equals an uninterrupted run's."""
     from megatron_est.study.runs import baseline_run, checkpoint_dir, launch, live_metrics
+    from megatron_est.training.checkpoint_layout import read_latest_iteration
 
     train = [*TRAIN, "--train-iters", "20", "--data-cache-dir", str(tmp_path / "cache")]
     out, ref = str(tmp_path / "study"), str(tmp_path / "ref")
@@ -104,13 +105,14 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     shutil.copytree(out, lost)
     os.remove(live_metrics(checkpoint_dir(lost, run)))
     launch(run, out, "pretrain_gpt.py")
-    launch(run, ref, "pretrain_gpt.py")
+    launch(run, ref, "pretrain_gpt.py", keep=True)  # --keep-checkpoints
     launch(run, lost, "pretrain_gpt.py")
     assert "loaded checkpoint" in open(os.path.join(out, run.name + ".log")).read()
     assert "loaded checkpoint" not in open(os.path.join(ref, run.name + ".log")).read()
     assert "loaded checkpoint" not in open(os.path.join(lost, run.name + ".log")).read()  # started over
     assert not os.path.exists(checkpoint_dir(out, run))  # a finished run deletes its checkpoints
     assert not os.path.exists(live_metrics(checkpoint_dir(out, run)))
+    assert read_latest_iteration(checkpoint_dir(ref, run)) == 20  # kept: the final model, for evaluation
 
     def losses(folder):
         recs = [json.loads(line) for line in open(os.path.join(folder, run.name + ".jsonl"))]

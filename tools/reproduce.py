@@ -12,7 +12,7 @@ Each --variant "NAME=FLAGS" adds an EST run "est-NAME" with FLAGS appended (on -
 compute-matched control; variants of equal FLOPs share one. Finished runs are skipped and an interrupted run
 resumes from its last checkpoint (every 5% of its iterations, in OUT/.cache/ckpt/, git-ignored, or
 --checkpoint-dir; the unfinished run's metrics file is kept beside it and lands in OUT when the run finishes;
-both are deleted then), so a study stopped at any moment continues where it was. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
+both are deleted then unless --keep-checkpoints), so a study stopped at any moment continues where it was. --jobs runs that many trainings at once (give each --num-threads 1 on a small machine). Writes
 OUT/results.md (tables, command), results.json and plots.
 """
 from __future__ import annotations
@@ -54,6 +54,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--script", default="pretrain_gpt.py", choices=["pretrain_gpt.py", "pretrain_llama.py"])
     ap.add_argument("--checkpoint-dir", help="where unfinished runs keep their checkpoints and metrics (default "
                     "OUT/.cache/ckpt, git-ignored); outside the work tree if that may be re-created before a resume")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's checkpoints (its final model, for tools/evaluate.py) under the "
+                    "checkpoint folder instead of deleting them")
     args = ap.parse_args(ours)
     names = [n for n, _ in args.variant]
     if len(set(names)) != len(names):
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     tasks += [("est", s, name, tuple(shlex.split(flags))) for name, flags in args.variant
               for s in (args.variant_seeds or args.seeds[:1])]
     study = Study(args.out, args.script, train_argv, with_control="control" in args.methods,
-                  report_only=args.report_only, checkpoint_root=args.checkpoint_dir)
+                  report_only=args.report_only, checkpoint_root=args.checkpoint_dir,
+                  keep_checkpoints=args.keep_checkpoints)
     study.run_all(tasks, args.jobs)
     results = [load_run(os.path.join(args.out, r.name + ".jsonl"), r.method, r.seed) for r in study.finished]
     table, summary = summary_table(results)

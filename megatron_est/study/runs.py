@@ -108,9 +108,10 @@ def drop_unusable_checkpoint(ckpt: str, metrics: str) -> None:
         shutil.rmtree(ckpt)
 
 
-def launch(run: Run, out_dir: str, script: str, ckpt_root: Optional[str] = None) -> dict:
+def launch(run: Run, out_dir: str, script: str, ckpt_root: Optional[str] = None, keep: bool = False) -> dict:
     """Train one run unless its .done marker exists; returns the marker's content. An interrupted run resumes
-    from its checkpoint; the trainer then drops the metrics it logged after that checkpoint."""
+    from its checkpoint; the trainer then drops the metrics it logged after that checkpoint. keep: leave the
+    finished run's checkpoints in place (for tools/evaluate.py), instead of deleting them."""
     done = os.path.join(out_dir, run.name + ".done")
     if os.path.exists(done):
         with open(done) as f:
@@ -127,7 +128,8 @@ def launch(run: Run, out_dir: str, script: str, ckpt_root: Optional[str] = None)
     info = {"name": run.name, "method": run.method, "seed": run.seed, "wall_s": time.time() - t0, "argv": run.argv}
     _publish(metrics, os.path.join(out_dir, run.name + ".jsonl"))
     _publish_json(info, done)
-    shutil.rmtree(ckpt, ignore_errors=True)  # after the marker: a kill in between leaves a finished run
+    if not keep:
+        shutil.rmtree(ckpt, ignore_errors=True)  # after the marker: a kill in between leaves a finished run
     os.remove(metrics)
     print(f"[study] done {run.name} in {info['wall_s']:.0f} s (the last launch)", flush=True)
     return info
@@ -169,6 +171,7 @@ class Study:
     with_control: bool = True
     report_only: bool = False  # train nothing: take the finished runs, skip the others
     checkpoint_root: Optional[str] = None  # see checkpoint_dir
+    keep_checkpoints: bool = False  # finished runs keep their checkpoints (downstream evaluation later)
     finished: list[Run] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)  # EST method -> its control method
     errors: list[str] = field(default_factory=list)
@@ -182,7 +185,7 @@ class Study:
             return False
         try:
             with lock:  # two EST variants of equal FLOPs wait for one shared control
-                launch(run, self.out_dir, self.script, self.checkpoint_root)
+                launch(run, self.out_dir, self.script, self.checkpoint_root, self.keep_checkpoints)
         except RuntimeError as e:
             self.errors.append(str(e))
             print(f"[study] {e}", flush=True)
