@@ -156,7 +156,9 @@ class ParallelConfig:
 class ESTConfig:
     schedule: str = opt("default", "EST stages: a preset name (default, gpt2-paper, tinyllama-paper), 'none', or "
                         "'START:pH,pM,pL;...' (START an iteration or a percentage of --train-iters, e.g. "
-                        "'0:0.5,0.5,0.5;300:0.5,0.5,1;600:1,1,1')", EST)
+                        "'0:0.5,0.5,0.5;300:0.5,0.5,1;600:1,1,1'); 'smooth:' before such points interpolates the "
+                        "rates linearly between them every iteration, the last point's rates after it (e.g. "
+                        "'smooth:0:0.5,0.5,0.5;600:1,1,1')", EST)
     layer_rescale: bool = opt(False, "scale active residual branches by N_L/k_L in layer-sampling stages", EST)
     stratified: bool = opt(True, "stratified sampling: every TP shard and pipeline stage keeps the same number of "
                            "its heads, neurons and layers (balanced work)", EST)
@@ -172,6 +174,13 @@ class ESTConfig:
     unsampled_update: str = opt("freeze", "parameters outside the subnetwork: freeze (untouched, AdamW moments "
                                 "too) or adamw (zero gradient, AdamW moves them); the same in every engine and "
                                 "layout", EST)
+    keep_end_layers: bool = opt(False, "in layer-sampling stages always keep the first and the last layer; each "
+                                "layer stratum still keeps round(p_L x its size) layers, the rest drawn among its "
+                                "other layers", EST)
+    lr_rewarm_iters: int = opt(0, "after each EST stage switch ramp the learning rate linearly back up over N "
+                               "iterations: x (iterations since the switch + 1) / (N + 1), so x 1/(N+1) at the "
+                               "switch and the schedule's own value from N iterations after it (0: off)", EST,
+                               check=at_least(0))
     target_saving: Optional[float] = opt(
         None, "training-FLOPs saving to reach, e.g. 0.25: scales every --est-schedule stage start by one common "
         "factor so the saving (this model, sequence length and --train-iters) is within 0.5 percentage points "

@@ -22,7 +22,8 @@ from megatron_est.arguments import parse_args  # noqa: E402
 from megatron_est.config import ConfigError  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
-from megatron_est.est.savings import saving  # noqa: E402
+from megatron_est.est.savings import StageFlops, saving  # noqa: E402
+from megatron_est.est.schedule import SMOOTH  # noqa: E402
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape  # noqa: E402
 from megatron_est.planning.dry_run import checked_layout  # noqa: E402
 
@@ -43,15 +44,42 @@ def main(argv: list[str] | None = None) -> float:
           f"{tr.train_iters} iterations of {gbs * m.seq_length} tokens")
     print("| stage | iterations | first | rates (pH,pM,pL) | step FLOPs / full |")
     print("|---|---|---|---|---|")
-    for st in stages:
-        r = sampler.schedule.stages[st.stage - 1]
-        mark = "" if stage_shape(cfg, sampler, r).exact_kv else " (expected: KV heads used vary per step)"
-        print(f"| {st.stage} | {st.iterations} | {st.first} | {r.p_heads:g},{r.p_mlp:g},{r.p_layers:g} | "
-              f"{st.flops / st.full_flops:.4f}{mark} |")
+    smooth = cfg.est.schedule.strip().startswith(SMOOTH)
+    for group in (_runs_of_equal_shape(cfg, sampler, stages) if smooth else [[st] for st in stages]):
+        print(_row(cfg, sampler, group))
     total = saving(stages)
     print(f"training FLOPs: {sum(s.flops for s in stages):.4e} vs full model "
           f"{sum(s.full_flops for s in stages):.4e}: {100 * total:.2f}% saved")
     return total
+
+
+def _runs_of_equal_shape(cfg, sampler, stages: list[StageFlops]) -> list[list[StageFlops]]:
+    """A smooth schedule's one-iteration stages, grouped where neighbours keep the same heads and layers (one row
+    each; the MLP neurons kept may still grow inside a row)."""
+    def shape(st: StageFlops):
+        s = stage_shape(cfg, sampler, sampler.schedule.stages[st.stage - 1])
+        return s.n_q, s.layers
+
+    runs: list[list[StageFlops]] = []
+    for st in stages:
+        if runs and shape(runs[-1][-1]) == shape(st):
+            runs[-1].append(st)
+        else:
+            runs.append([st])
+    return runs
+
+
+def _row(cfg, sampler, group: list[StageFlops]) -> str:
+    first, last = group[0], group[-1]
+    rates = [sampler.schedule.stages[st.stage - 1] for st in (first, last)]
+    text = [f"{r.p_heads:g},{r.p_mlp:g},{r.p_layers:g}" for r in rates]
+    exact = all(stage_shape(cfg, sampler, sampler.schedule.stages[st.stage - 1]).exact_kv for st in group)
+    mark = "" if exact else " (expected: KV heads used vary per step)"
+    label = str(first.stage) if first is last else f"{first.stage}-{last.stage}"
+    rate_text = text[0] if first is last else f"{text[0]} to {text[1]}"
+    return (f"| {label} | {sum(st.iterations for st in group)} | {first.first} | {rate_text} | "
+            f"{sum(st.flops for st in group) / sum(st.full_flops for st in group):.4f}{mark}"
+            f"{' (mean)' if first is not last else ''} |")
 
 
 if __name__ == "__main__":

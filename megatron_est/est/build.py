@@ -27,7 +27,7 @@ def build_sampler(cfg: Config) -> SubnetworkSampler:
     seed = cfg.train.seed if est.seed is None else est.seed
 
     def make(schedule: Schedule) -> SubnetworkSampler:
-        return SubnetworkSampler(m, schedule, seed, strata, est.stratified, est.layer_rescale)
+        return SubnetworkSampler(m, schedule, seed, strata, est.stratified, est.layer_rescale, est.keep_end_layers)
 
     schedule = parse_schedule(est.schedule, cfg.train.train_iters)
     if est.target_saving is not None:

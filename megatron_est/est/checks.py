@@ -3,8 +3,10 @@ schedule against --train-iters. Returns the parsed schedule."""
 from __future__ import annotations
 
 from megatron_est.config import Config, ConfigError
+from megatron_est.est.build import layer_strata
 from megatron_est.est.fit import check_target
-from megatron_est.est.schedule import Schedule, parse_schedule
+from megatron_est.est.sampler import forced_conflict
+from megatron_est.est.schedule import SMOOTH, Schedule, parse_schedule
 from megatron_est.parallel.partition import is_even, stage_ranges
 
 UNSAMPLED_UPDATES = ("freeze", "adamw")
@@ -19,7 +21,23 @@ def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
     schedule = parse_schedule(est.schedule, cfg.train.train_iters)
     if est.target_saving is not None:  # the FLOPs fit itself waits for the tokenizer's vocabulary (build_sampler)
         check_target(est.target_saving, schedule)
+    if est.keep_end_layers:
+        _check_end_layers(cfg, schedule)
+    if est.lr_rewarm_iters and est.schedule.strip().startswith(SMOOTH):
+        raise ConfigError("--est-lr-rewarm-iters needs a staged --est-schedule: a smooth schedule switches "
+                          "stage every iteration, so the learning rate would never come back")
     return schedule
+
+
+def _check_end_layers(cfg: Config, schedule: Schedule) -> None:
+    """Every layer stratum must be able to keep the end layers it holds, at every layer-sampling rate."""
+    n = cfg.model.num_layers
+    ranges = layer_strata(cfg) if cfg.est.stratified else ((0, n),)
+    for p in sorted({st.p_layers for st in schedule.stages if st.p_layers < 1.0}):
+        problem = forced_conflict(ranges, sorted({0, n - 1}), p)
+        if problem is not None:
+            raise ConfigError(f"--est-keep-end-layers: {problem} (raise p_L, or use more layer strata: "
+                              "--est-pp-strata)")
 
 
 def _check_strata(cfg: Config, tp: int, pp: int) -> None:

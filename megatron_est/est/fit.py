@@ -10,8 +10,8 @@ from typing import Callable
 
 from megatron_est.config import ConfigError, ESTConfig, ModelConfig
 from megatron_est.est.flops import step_flops
-from megatron_est.est.sampler import SubnetworkSampler
-from megatron_est.est.schedule import Schedule
+from megatron_est.est.sampler import SubnetworkSampler, keep_count
+from megatron_est.est.schedule import SMOOTH, Schedule, Stage
 
 FLAG = "--est-target-saving"
 TOLERANCE = 0.005  # half a percentage point
@@ -41,11 +41,25 @@ def stage_ratios(schedule: Schedule, make_sampler: Callable[[Schedule], Subnetwo
                  model: ModelConfig) -> list[float]:
     """Step FLOPs / full-model step FLOPs of each stage, from subnetworks drawn as training draws them."""
     full = step_flops(model, 1)
+    ranges = make_sampler(schedule)  # the sampling ranges, which do not depend on the schedule
+    cache: dict[tuple, float] = {}
     ratios = []
     for st in schedule.stages:
-        sampler = make_sampler(Schedule((dataclasses.replace(st, start=0),)))  # this stage at every iteration
-        ratios.append(sum(step_flops(model, 1, sampler(i)) for i in range(_DRAWS)) / (_DRAWS * full))
+        key = _draw_key(ranges, st)
+        if key not in cache:
+            sampler = make_sampler(Schedule((dataclasses.replace(st, start=0),)))  # this stage at every iteration
+            cache[key] = sum(step_flops(model, 1, sampler(i)) for i in range(_DRAWS)) / (_DRAWS * full)
+        ratios.append(cache[key])
     return ratios
+
+
+def _draw_key(sampler: SubnetworkSampler, st: Stage) -> tuple:
+    """What a stage's draws depend on: the keep count of every sampling range (or None: not sampled). Stages
+    with equal keys draw identical subnetworks at every iteration (a smooth schedule's neighbouring stages)."""
+    def counts(ranges: list[tuple[int, int]], p: float):
+        return None if p >= 1.0 else tuple(keep_count(p, end - start) for start, end in ranges)
+    return (counts(sampler.head_ranges(), st.p_heads), counts(sampler.neuron_ranges(), st.p_mlp),
+            counts(sampler.layer_ranges(), st.p_layers))
 
 
 def _saving(schedule: Schedule, ratios: list[float], f: float, train_iters: int) -> float:
@@ -102,4 +116,7 @@ def describe_schedule(est: ESTConfig, schedule: Schedule) -> str:
     """Log text: the spec as given, and the resolved stage starts when --est-target-saving moved them."""
     if est.target_saving is None:
         return est.schedule
+    if est.schedule.strip().startswith(SMOOTH):  # thousands of one-iteration stages: where the ramp now ends
+        return (f"{est.schedule} scaled for {FLAG} {est.target_saving:g}: {len(schedule.stages)} stages, the last "
+                f"starting at iteration {schedule.stages[-1].start}")
     return f"{est.schedule} scaled for {FLAG} {est.target_saving:g}: {format_schedule(schedule)}"

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_est.config import ModelConfig
+from megatron_est.config import ConfigError, ModelConfig
 from megatron_est.est.schedule import Schedule, Stage
 
 
@@ -66,11 +66,42 @@ def _sample_strata(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: flo
     return torch.cat(kept).sort().values
 
 
+def forced_conflict(ranges: Sequence[tuple[int, int]], forced: Sequence[int], p: float) -> Optional[str]:
+    """Why a layer stratum cannot keep all its forced layers at rate p (None when every one can)."""
+    for start, end in ranges:
+        mine = [i for i in forced if start <= i < end]
+        if len(mine) > keep_count(p, end - start):
+            return (f"layers {start}-{end - 1} keep {keep_count(p, end - start)} of {end - start} at p_L {p:g}, "
+                    f"fewer than the {len(mine)} end layers {mine} they must keep")
+    return None
+
+
+def _sample_strata_forced(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: float,
+                          forced: Sequence[int]) -> torch.Tensor:
+    """Like _sample_strata, but each range keeps its forced indices and draws only the rest of its
+    keep_count(p, size) among its other indices: every range keeps the same count as without forcing."""
+    problem = forced_conflict(ranges, forced, p)
+    if problem is not None:  # est/checks.py refuses this up front; here for samplers built by hand
+        raise ConfigError(f"--est-keep-end-layers: {problem}")
+    kept = []
+    for start, end in ranges:
+        mine = [i for i in forced if start <= i < end]
+        others = torch.tensor([i for i in range(start, end) if i not in mine], dtype=torch.long)
+        draw = torch.randperm(len(others), generator=g)[: keep_count(p, end - start) - len(mine)]
+        kept += [torch.tensor(mine, dtype=torch.long), others[draw]]
+    return torch.cat(kept).sort().values
+
+
 class SubnetworkSampler:
     def __init__(self, model: ModelConfig, schedule: Schedule, seed: int, strata: Strata,
-                 stratified: bool = True, layer_rescale: bool = False):
+                 stratified: bool = True, layer_rescale: bool = False, keep_end_layers: bool = False):
         self.model, self.schedule, self.seed = model, schedule, seed
         self.strata, self.stratified, self.layer_rescale = strata, stratified, layer_rescale
+        self.keep_end_layers = keep_end_layers
+
+    def forced_layers(self) -> tuple[int, ...]:
+        """Layers every layer-sampling step keeps (--est-keep-end-layers: the first and the last)."""
+        return tuple(sorted({0, self.model.num_layers - 1})) if self.keep_end_layers else ()
 
     # The ranges each dimension is sampled in (keep_count(p, size) kept in each); est/stage_flops.py counts
     # a stage's FLOPs from them in closed form.
@@ -98,7 +129,9 @@ class SubnetworkSampler:
             return Subnetwork(stage_idx, rates, tuple(range(m.num_layers)), (None,) * m.num_layers,
                               (None,) * m.num_layers, 1.0)
         g = _generator(self.seed, iteration)
-        if rates.p_layers < 1.0:
+        if rates.p_layers < 1.0 and self.keep_end_layers:
+            layers = tuple(_sample_strata_forced(g, self.layer_ranges(), rates.p_layers, self.forced_layers()).tolist())
+        elif rates.p_layers < 1.0:
             layers = tuple(_sample_strata(g, self.layer_ranges(), rates.p_layers).tolist())
         else:
             layers = tuple(range(m.num_layers))

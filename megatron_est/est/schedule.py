@@ -1,7 +1,8 @@
 """The staged EST schedule: which sampling rates (p_H, p_M, p_L) apply at each iteration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
 from megatron_est.config import ConfigError
 
@@ -35,13 +36,16 @@ SCHEDULE_PRESETS: dict[str, str] = {
 @dataclass(frozen=True)
 class Schedule:
     stages: tuple[Stage, ...]
+    # Stage starts, for bisect: a smooth schedule has one stage per iteration (thousands), and every rank looks
+    # its stage up every step.
+    _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_starts", tuple(st.start for st in self.stages))
 
     def stage_index(self, iteration: int) -> int:
-        idx = 0
-        for i, st in enumerate(self.stages):
-            if iteration >= st.start:
-                idx = i
-        return idx
+        """The last stage whose start is <= iteration (stage 0 before every start)."""
+        return max(0, bisect.bisect_right(self._starts, iteration) - 1)
 
     def stage_at(self, iteration: int) -> Stage:
         return self.stages[self.stage_index(iteration)]
@@ -74,16 +78,28 @@ def _shortest_run(spec: str) -> int:
     return n
 
 
+SMOOTH = "smooth:"
+
+
 def parse_schedule(spec: str, train_iters: int) -> Schedule:
-    """Parse a preset name, "none", or "START:pH,pM,pL;..." (START an iteration or a percentage)."""
+    """Parse a preset name, "none", "START:pH,pM,pL;..." (START an iteration or a percentage), or
+    "smooth:START:pH,pM,pL;..." (the same points, rates interpolated linearly between them: smooth_schedule)."""
     flag = "--est-schedule"
     spec = spec.strip()
     if spec in ("none", ""):
         return FULL
+    if spec.startswith(SMOOTH):
+        return smooth_schedule(_parse_stages(spec[len(SMOOTH):], train_iters), train_iters)
     preset, spec = (spec if spec in SCHEDULE_PRESETS else None), SCHEDULE_PRESETS.get(spec, spec)
     if ":" not in spec:
         raise ConfigError(f"{flag}: unknown preset {spec!r} (known: none, {', '.join(SCHEDULE_PRESETS)}; "
                           "or a spec 'START:pH,pM,pL;...')")
+    stages = _parse_stages(spec, train_iters, preset)
+    return Schedule(tuple(stages))
+
+
+def _parse_stages(spec: str, train_iters: int, preset: str | None = None) -> list[Stage]:
+    flag = "--est-schedule"
     stages = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         try:
@@ -107,4 +123,33 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
                           f"would start at iterations {starts}): train at least {_shortest_run(spec)} iterations")
     if any(b <= a for a, b in zip(starts, starts[1:])):
         raise ConfigError(f"{flag}: stage starts must increase strictly, got {starts}")
+    return stages
+
+
+def _rates(st: Stage) -> tuple[float, float, float]:
+    return st.p_heads, st.p_mlp, st.p_layers
+
+
+def _interpolated(a: Stage, b: Stage, iteration: int) -> tuple[float, float, float]:
+    t = (iteration - a.start) / (b.start - a.start)
+    # Rounded so that a rate meant to be exactly k/n (a keep-count boundary) is not 1e-17 below it.
+    return tuple(round(x + (y - x) * t, 12) for x, y in zip(_rates(a), _rates(b)))
+
+
+def smooth_schedule(points: list[Stage], train_iters: int) -> Schedule:
+    """Rates that change every iteration: at iteration i between points a and b, each rate is
+    a + (b - a) * (i - a.start) / (b.start - a.start); from the last point on, its rates. Expanded into one
+    ordinary Stage per iteration where the rates change, so the sampler, the FLOPs count and the fit need
+    nothing new (a run of 14,400 iterations has at most 14,400 stages)."""
+    stages: list[Stage] = []
+
+    def add(start: int, rates: tuple[float, float, float]) -> None:
+        if not stages or _rates(stages[-1]) != rates:
+            stages.append(Stage(start, *rates))
+
+    for a, b in zip(points, points[1:]):
+        for i in range(a.start, min(b.start, train_iters)):
+            add(i, _interpolated(a, b, i))
+    if points[-1].start < train_iters or not stages:
+        add(points[-1].start, _rates(points[-1]))
     return Schedule(tuple(stages))

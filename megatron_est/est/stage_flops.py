@@ -13,7 +13,9 @@ Two counts are not fixed by the keep counts, and the closed form gives their exp
     G * (1 - C(H - r, k) / C(H, k)) of the G groups of r heads on average (a group is unused only when all k
     draws miss its r heads); the per-step count varies between ceil(k / r) and min(G, k);
   - the layers each pipeline stage keeps under --no-est-stratified: k of L layers drawn uniformly put
-    k * n_s / L of them in a stage of n_s layers on average (the whole model's count k is still exact).
+    k * n_s / L of them in a stage of n_s layers on average (the whole model's count k is still exact); with
+    --est-keep-end-layers the f end layers a stage holds are always kept and the other k - F (F forced in all)
+    fall uniformly among the L - F others: f + (k - F) * (n_s - f) / (L - F).
 `StageShape.exact` says whether every step runs exactly the counted FLOPs.
 """
 from __future__ import annotations
@@ -69,9 +71,15 @@ def _stage_layers(cfg: Config, sampler: SubnetworkSampler, p_layers: float) -> t
     ranges = sampler.layer_ranges()
     if sampler.stratified:  # every layer stratum lies inside one pipeline stage (est/build.py)
         return tuple(float(sum(keep_count(p_layers, e - s) for s, e in ranges if a <= s < b)) for a, b in stages), True
-    k, n = _kept(ranges, p_layers), cfg.model.num_layers
-    per_stage = tuple(k * (b - a) / n for a, b in stages)
-    return per_stage, len(stages) == 1 or k == n
+    k, n, forced = _kept(ranges, p_layers), cfg.model.num_layers, sampler.forced_layers()
+    # The forced end layers (--est-keep-end-layers) sit in their stages; the other k - F kept layers (F forced
+    # in all) fall uniformly among the n - F others.
+
+    def expected(a: int, b: int) -> float:
+        f = sum(a <= i < b for i in forced)
+        return f + (k - len(forced)) * (b - a - f) / max(1, n - len(forced))
+
+    return tuple(expected(a, b) for a, b in stages), len(stages) == 1 or k == n
 
 
 def stage_shape(cfg: Config, sampler: SubnetworkSampler, stage: Stage) -> StageShape:

@@ -187,6 +187,9 @@ def check_deepspeed(cfg: Config, tp: int, pp: int, dp: int) -> tuple[str, int]:
         raise ConfigError("--deepspeed: DeepSpeed is not installed (pip install deepspeed, or drop --deepspeed "
                           "to use the plain torch engine)")
     conf = resolve_config(cfg, tp, pp, dp)
+    if cfg.est.lr_rewarm_iters and "scheduler" in conf:  # its scheduler sets the LR, not training/optimizer.step_lr
+        raise ConfigError(f"--est-lr-rewarm-iters with --deepspeed_config {cfg.engine.deepspeed_config}: its "
+                          "\"scheduler\" sets the learning rate; drop one of them")
     precision = "bf16" if (conf.get("bf16") or {}).get("enabled") else \
         "fp16" if (conf.get("fp16") or {}).get("enabled") else "fp32"
     return precision, _stage_of(conf)

@@ -36,7 +36,7 @@ from megatron_est.training.checkpointing import load_weights_only, read_shard, w
 from megatron_est.training.deepspeed_config import resolve_config, write_derived
 from megatron_est.training.deepspeed_unsampled import DeepSpeedFreeze, frozen_during_step, zero_stale_gradients
 from megatron_est.training.engine import StepResult
-from megatron_est.training.optimizer import learning_rate
+from megatron_est.training.optimizer import step_lr
 
 
 def import_deepspeed():
@@ -253,7 +253,7 @@ def train_step(run: DeepSpeedEngine, batches, sub, step: int, timer=None) -> Ste
     module = engine.module
     plan = module.make_plan(sub, st.device)
     if run.own_lr:
-        lr = learning_rate(cfg.train, step)
+        lr = step_lr(cfg, step, sub)
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
     norm0 = None  # the norm we measure where DeepSpeed reports none

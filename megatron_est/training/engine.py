@@ -37,8 +37,8 @@ from megatron_est.training.batches import MicroBatches
 from megatron_est.training.checkpoint_layout import SHARD_FILE, shard_dir_name
 from megatron_est.training import checkpointing
 from megatron_est.training.checkpointing import load_model_weights, read_shard
-from megatron_est.training.optimizer import (build_optimizer, learning_rate, load_optimizer_state,
-                                             optimizer_state_for_checkpoint, set_lr)
+from megatron_est.training.optimizer import (build_optimizer, load_optimizer_state,
+                                             optimizer_state_for_checkpoint, set_lr, step_lr)
 from megatron_est.training.pipeline_schedule import StageTimer, forward_backward
 from megatron_est.training.precision import Precision, build_precision
 
@@ -124,7 +124,7 @@ class TorchEngine:
         norm = grad_norm_and_clip(params, self.cfg.train.clip_grad, st.tp_group, st.tp, st.pp_group, st.pp)
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same decision on every rank: both are reduced
             return StepResult(loss, norm, nonfinite=True)
-        set_lr(optimizer, learning_rate(self.cfg.train, step))
+        set_lr(optimizer, step_lr(self.cfg, step, sub))
         self.policy.step(optimizer, self.module, plan)
         return StepResult(loss, norm)
 

@@ -13,7 +13,7 @@ from megatron_est.training.batches import MicroBatches
 from megatron_est.training.engine import Engine, StepResult
 from megatron_est.training.evaluate import evaluate
 from megatron_est.training.metrics import MetricsLog, format_train_line
-from megatron_est.training.optimizer import learning_rate
+from megatron_est.training.optimizer import step_lr
 from megatron_est.training.state import TrainState
 from megatron_est.training.throughput import device_peak_tflops, throughput
 
@@ -122,7 +122,7 @@ def _train_record(cfg: Config, state: TrainState, interval: _Interval, shape: _S
     seconds = time.perf_counter() - interval.start
     return {"iteration": state.iteration,
             "lm_loss": interval.loss / interval.finite if interval.finite else float("nan"),
-            "lr": learning_rate(cfg.train, state.iteration - 1), "grad_norm": result.grad_norm,
+            "lr": step_lr(cfg, state.iteration - 1, sub), "grad_norm": result.grad_norm,
             "tokens": state.iteration * shape.tokens_per_step, "consumed_samples": state.iteration * shape.gbs,
             "global_batch_size": shape.gbs, "step_flops": flops, "full_step_flops": shape.full_flops,
             "cumulative_flops": state.cumulative_flops, "full_cumulative_flops": state.full_cumulative_flops,

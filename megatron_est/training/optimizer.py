@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from megatron_est.config import ConfigError, TrainConfig
+from megatron_est.config import Config, ConfigError, TrainConfig
+from megatron_est.est.rewarm import rewarm_factor
+from megatron_est.est.sampler import Subnetwork
 from megatron_est.kernels import apex_fused_adam
 
 
@@ -51,6 +53,14 @@ def learning_rate(tr: TrainConfig, iteration: int) -> float:
     else:
         coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return tr.min_lr + coeff * (tr.lr - tr.min_lr)
+
+
+def step_lr(cfg: Config, iteration: int, sub: Subnetwork) -> float:
+    """The learning rate of the step that trains `iteration` with subnetwork `sub`: the warmup + decay schedule
+    times the EST re-warm after stage switches (est/rewarm.py). Every engine sets this one value, and the log
+    records it."""
+    factor = rewarm_factor(cfg.est.lr_rewarm_iters, sub.stage, sub.rates.start, iteration)
+    return learning_rate(cfg.train, iteration) * factor
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
