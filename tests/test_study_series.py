@@ -36,3 +36,19 @@ def test_series_on_shared_seeds(tmp_path):
     assert rows[0]["est_train"] == pytest.approx(3.15) and rows[0]["baseline_train"] == 1.0  # the last line
     assert f"| {short} | 1.0000 | 3.1500 | 2.8500 | +0.3000 | +2.0000 | +0.2500 |" in \
         open(tmp_path / "out" / "series.md").read()
+
+
+def test_predict_at_fits_the_gap_to_the_control(tmp_path):
+    """Three lengths whose gap falls by exactly 0.1 per e-fold of tokens per parameter: the log-linear fit is
+    that line and reaches zero at T = e^3 x 10 = 200.9, and the table states its value at T = 200.9."""
+    import math
+
+    folders = []
+    for i, iters in enumerate((10, 27, 74)):  # tokens per parameter 10, 27, 74 with 100 tokens a step
+        gap = 0.3 - 0.1 * math.log(iters / 10)
+        folders.append(str(tmp_path / f"s{i}"))
+        _study(folders[-1], iters, {("baseline", 0): 2.0, ("est", 0): 2.0 + gap + 0.01, ("control-i9", 0): 2.01})
+    main(["--out", str(tmp_path / "out"), "--params", "100", *folders, "--predict-at", "200.9"])
+    text = open(tmp_path / "out" / "series.md").read()
+    assert "log-linear: gap = 0.5303 -0.1000 ln T" in text and "zero at T = 201 tokens per parameter" in text
+    assert "| 200.9 | -0.000 (-0.000 to -0.000) |" in text  # exact points: no scatter, no interval

@@ -6,18 +6,23 @@ compute-matched control changes with tokens per parameter.
         docs/repro/study-h64-iters1200 docs/repro/study-h64 docs/repro/study-h64-iters4800
 
 Reads each study's results.json and metrics files; writes OUT/series.md (table) and OUT/series.png (final
-validation loss against training tokens per method, and the baselines' validation curves).
+validation loss against training tokens per method, and the baselines' validation curves). With --predict-at T
+it also fits EST's gap to the control against tokens per parameter (megatron_est/study/predict.py: log-linear
+and power law, 95% intervals) and predicts the gap at each T, and where the log-linear fit reaches zero.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import matplotlib  # noqa: E402
+
+from megatron_est.study.predict import fit_gaps  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +76,23 @@ def _train_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _prediction_lines(rows: list[dict], params: int, targets: list[float]) -> list[str]:
+    """The gap to the control fitted against tokens per parameter, and what the fits say at each target."""
+    fits = fit_gaps([r["tokens"] / params for r in rows], [r["est"] - r["control"] for r in rows])
+    lin, pw = fits.log_linear, fits.power
+    point, lo, hi = fits.crossing()
+    lines = [f"EST - control fitted over the {len(rows)} lengths above (least squares, 95% intervals for a new run):",
+             "", f"- log-linear: gap = {lin.c0:.4f} {lin.c1:+.4f} ln T (residual sd {lin.s2 ** 0.5:.4f}); zero at "
+             f"T = {point:.0f} tokens per parameter (95%: {lo:.0f} to {hi:.0f})",
+             f"- power law: gap = {math.exp(pw.c0):.4f} T^{pw.c1:.4f} (residual sd of ln gap {pw.s2 ** 0.5:.4f}); "
+             "never zero", "", "| tokens/param | log-linear gap (95%) | power-law gap (95%) |", "|---|---|---|"]
+    for t in targets:
+        p = fits.predict(t)
+        lines.append(f"| {t:g} | " + " | ".join(f"{v:+.3f} ({a:+.3f} to {b:+.3f})" for v, a, b in
+                                                (p["log_linear"], p["power"])) + " |")
+    return lines
+
+
 def _seeds(folder: str) -> set[int]:
     with open(os.path.join(folder, "results.json")) as f:
         runs = json.load(f)["runs"]
@@ -82,6 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("studies", nargs="+", help="reproduce.py output folders, same model and schedule")
     ap.add_argument("--out", required=True)
     ap.add_argument("--params", type=int, required=True, help="model parameters, for tokens per parameter")
+    ap.add_argument("--predict-at", type=float, nargs="+", default=[], metavar="T",
+                    help="fit EST - control against tokens per parameter and predict it at these T")
     args = ap.parse_args(argv)
     seeds = set.intersection(*(_seeds(d) for d in args.studies))  # compare like with like
     if not seeds:
@@ -95,12 +119,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"{r['baseline']:.4f} | {r['est']:.4f} | {r['control']:.4f} | {r['est'] - r['baseline']:+.4f} | "
                      f"{r['est'] - r['control']:+.4f} | {r['control'] - r['baseline']:+.4f} |")
     train = _train_lines(rows)
+    fit = _prediction_lines(rows, args.params, args.predict_at) if args.predict_at else []
     with open(os.path.join(args.out, "series.md"), "w") as f:
         f.write(f"Final validation loss by training length (seeds {sorted(seeds)}, the ones all studies have).\n\n"
                 + "\n".join(lines) + "\n\nFinal train loss (the last log interval's mean), same runs:\n\n"
-                + "\n".join(train) + "\n")
+                + "\n".join(train) + "\n" + "".join(f"{line}\n" for line in [""] + fit if fit))
     _plot(rows, args.params, os.path.join(args.out, "series.png"))
-    print("\n".join(lines + [""] + train))
+    print("\n".join(lines + [""] + train + [""] + fit))
     return rows
 
 
