@@ -83,6 +83,8 @@ def test_switch_table_by_hand():
     est = RunResult("est", 0, 2.2, 0, 0.0, [(0, 0.0, 3.5), (0, 0.0, 2.9), (0, 0.0, 2.2)], {}, [10], [5, 10, 15])
     assert switch_table([base, est], 5).splitlines()[2] == \
         "| est-s0 | 10 | 2.9000 (2.5000) | 2.2000 (2.0000) | -0.7000 (-0.5000) |"
+    smooth = RunResult("est-smooth", 0, 2.2, 0, 0.0, est.val_curve, {}, list(range(1, 15)), [5, 10, 15])
+    assert len(switch_table([base, smooth], 5).splitlines()) == 2  # a stage per iteration: no switch rows
 
 
 @pytest.mark.slow  # four short trainings, 5 processes: about 25 s

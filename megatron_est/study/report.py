@@ -151,6 +151,9 @@ def paired_table(results: list[RunResult], matched: dict[str, str]) -> tuple[str
     return "\n".join(lines), out
 
 
+MAX_SWITCHES = 8  # more stage changes than this: a smooth schedule (a new stage every iteration), no switches
+
+
 def switch_table(results: list[RunResult], gap: int) -> str:
     """Validation loss around each EST stage switch, against the baseline of the same seed at the same
     iteration: the last evaluation before the switch and `gap` iterations later."""
@@ -159,7 +162,7 @@ def switch_table(results: list[RunResult], gap: int) -> str:
     lines = ["| EST run | switch after | val loss there (baseline) | val loss +%d (baseline) | change over the %d "
              "iterations (baseline's) |" % (gap, gap), "|---|---|---|---|---|"]
     for r in results:
-        if not r.method.startswith("est") or r.seed not in base:
+        if not r.method.startswith("est") or r.seed not in base or len(r.stage_starts) > MAX_SWITCHES:
             continue
         val = dict(zip(r.val_iterations, (c[2] for c in r.val_curve)))
         for s in r.stage_starts:
