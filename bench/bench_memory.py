@@ -35,6 +35,8 @@ MODEL = ["--model-preset", "gpt2-tiny", "--num-layers", "4", "--hidden-size", "2
          "--est-schedule", "none", "--seed", "1"]
 DS_JSON = {"zero_optimization": {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
                                  "stage3_prefetch_bucket_size": 2_000_000, "stage3_param_persistence_threshold": 0}}
+WIDE = ["--num-layers", "6", "--hidden-size", "1024", "--num-attention-heads", "16", "--seq-length", "64",
+        "--micro-batch-size", "2", "--global-batch-size", "4"]
 # name: (world size, extra flags)
 CONFIGS = {
     "plain": (1, []),
@@ -52,6 +54,9 @@ CONFIGS = {
     "zero2_offload_dp2": (2, ["--deepspeed", "--zero-stage", "2", "--offload-optimizer"]),
     "zero2_bf16_dp2": (2, ["--deepspeed", "--zero-stage", "2", "--bf16"]),
     "plain_dp2": (2, []),
+    # 83M parameters: gradients (330 MB) far above a bucket, so the overlapped reduce's in-flight copies show
+    "plain_dp2_wide": (2, WIDE),
+    "plain_dp2_wide_sync": (2, WIDE + ["--no-overlap-grad-reduce"]),
 }
 
 

@@ -87,6 +87,28 @@ def test_layer_activations_equal_what_autograd_saves(preset, recompute, bf16):
     assert per_layer == pytest.approx(want, rel=0.02)
 
 
+def test_plain_dp_reduce_and_step_phases_by_hand():
+    """DP 2, 100M parameters (far above a bucket), one short micro-batch so that the last phases set the peak.
+    Overlapped reduce (the default): every bucket's flattened copy is in flight at the end of the backward, 4 P
+    more than weights + gradients + AdamW moments (16 P); synchronous: two 32M-element fp32 buckets. The fused
+    AdamW step adds nothing; DeepSpeed's foreach client AdamW adds a 4 P temporary."""
+    from megatron_est.planning.memory import estimate
+    from megatron_est.planning.params import RankParams
+
+    P = 100_000_000
+    p = RankParams(0, 0, 0, 0, P, 0, P // 4, 0, 0)
+    cfg = Config(model=model_preset("gpt2-tiny", seq_length=8))
+    shape = stage_shape(cfg, build_sampler(cfg), Stage(0, 1.0, 1.0, 1.0))
+
+    def peak(e):
+        est = estimate(cfg.model, p, shape, 1, 1, 2, 1, 1, e)
+        return est.peak, est.peak_phase, est.step_temporaries
+
+    assert peak(EnginePlan()) == (20 * P, "gradient reduce", 0.0)
+    assert peak(EnginePlan(overlap_grad_reduce=False)) == (16 * P + 8 * 32 * 2 ** 20, "gradient reduce", 0.0)
+    assert peak(EnginePlan(zero_stage=0)) == (20 * P, "optimizer step", 4 * P)
+
+
 def test_rank_params_feed_zero3_the_largest_layer():
     cfg = Config(model=model_preset("tinyllama-1.1b"), parallel=ParallelConfig(tensor_model_parallel_size=2))
     assert rank_params(cfg, 0, 0).largest_layer == (44_044_288 - 2 * 2048) // 2 + 2 * 2048  # norms are not sharded
@@ -96,5 +118,5 @@ def test_rank_params_feed_zero3_the_largest_layer():
 def test_measured_peaks_within_15_percent():
     from bench.bench_memory import main
 
-    rows = main(["--only", "plain", "est_stage1", "plain_full", "zero2_dp2"])
+    rows = main(["--only", "plain", "est_stage1", "plain_full", "zero2_dp2", "plain_dp2_wide", "plain_dp2_wide_sync"])
     assert all(abs(r["error"]) < 0.15 for r in rows), rows

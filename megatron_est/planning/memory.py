@@ -38,9 +38,12 @@ Peak = the largest of three phases:
   forward/backward  weights + optimizer + activations + the loss backward's two [t, V/TP] fp32 buffers
                     + gradients (all of them with gradient accumulation, else the LM head's)
                     (+ DeepSpeed's gradient buckets)
-  gradient reduce   weights + optimizer + gradients + (plain engine, DP > 1) two flattened buckets
-  optimizer step    weights + optimizer + gradients + one fp32 temporary per optimizer element (foreach AdamW's
-                    sqrt of exp_avg_sq)
+  gradient reduce   weights + optimizer + gradients + (plain engine, DP > 1) two flattened buckets, or with
+                    --overlap-grad-reduce (the default) a flattened copy of every gradient: the buckets launched
+                    during the backward are all in flight until the step's reduce finishes
+  optimizer step    weights + optimizer + gradients (+ under DeepSpeed one fp32 temporary per optimizer element:
+                    its client torch AdamW's foreach sqrt of exp_avg_sq; the plain engine's fused AdamW, torch's or
+                    apex's, updates in place without one)
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class EnginePlan:
     recompute_num_layers: Optional[int] = None
     reduce_bucket_size: int = DS_REDUCE_BUCKET
     overlap_comm: bool = False
+    overlap_grad_reduce: bool = True  # plain engine: parallel/grad_overlap.py
 
     @property
     def deepspeed(self) -> bool:
@@ -196,6 +200,16 @@ def _deepspeed_buckets(p: RankParams, e: EnginePlan) -> float:
     return (2 if e.overlap_comm else 1) * min(e.reduce_bucket_size, p.total) * e.weight_bytes
 
 
+def _plain_reduce_buffers(p: RankParams, e: EnginePlan) -> float:
+    """The plain engine's DP all-reduce buffers (fp32 gradients). Overlapped (parallel/grad_overlap.py): each
+    bucket is flattened when its gradients are final and stays in flight until finish(), so at the end of the
+    backward every gradient has a flattened copy (unflattening returns views of it). Synchronous
+    (parallel/grads.py): one flattened bucket at a time and its unflattened copy."""
+    if e.overlap_grad_reduce:
+        return 4.0 * p.total
+    return 2 * 4 * min(PLAIN_BUCKET_NUMEL, p.total)
+
+
 def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, dp: int, micro_batch: int,
              n_micro: int, e: EnginePlan) -> MemoryEstimate:
     """Peak bytes of one rank: the largest of the three phases of the module docstring."""
@@ -208,10 +222,11 @@ def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int,
     # Gradient accumulation: every micro-batch after the first runs with all gradients allocated.
     fwd_bwd = s.weights + s.optimizer + act + temp + buckets + (s.gradients if n_micro > 1 else 0)
     reduce = s.weights + s.optimizer + s.gradients + buckets
-    if not e.deepspeed and dp > 1:  # parallel/grads.py: a flattened bucket and its unflattened copy
-        reduce += 2 * 4 * min(PLAIN_BUCKET_NUMEL, p.total)
-    # foreach AdamW's sqrt(exp_avg_sq): one fp32 temporary per element it updates (on the host when offloaded)
-    step_temp = 0.0 if e.offload_optimizer else 4 * p.total / (dp if e.deepspeed and e.zero_stage else 1)
+    if not e.deepspeed and dp > 1:
+        reduce += _plain_reduce_buffers(p, e)
+    # DeepSpeed's client AdamW (foreach on GPU; ZeRO's one flat partition on CPU): a sqrt(exp_avg_sq) temporary of
+    # every element it updates (on the host when offloaded). training/optimizer.py's fused AdamW has none.
+    step_temp = 0.0 if e.offload_optimizer or not e.deepspeed else 4 * p.total / (dp if e.zero_stage else 1)
     step = s.weights + s.optimizer + s.gradients + step_temp + buckets
     phases = {"forward/backward": fwd_bwd, "gradient reduce": reduce, "optimizer step": step}
     phase = max(phases, key=phases.get)
@@ -237,4 +252,4 @@ def engine_plan(cfg) -> EnginePlan:
         overlap = bool(zero.get("overlap_comm", stage == 3))
         offload = e.offload_optimizer or (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     return EnginePlan(stage, bool(offload), e.precision, e.recompute_granularity, e.recompute_num_layers,
-                      bucket, overlap)
+                      bucket, overlap, e.overlap_grad_reduce)
