@@ -3,6 +3,7 @@ checkpoint layout whichever AdamW implementation (torch's or apex's FusedAdam) r
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -55,10 +56,12 @@ def learning_rate(tr: TrainConfig, iteration: int) -> float:
     return tr.min_lr + coeff * (tr.lr - tr.min_lr)
 
 
-def step_lr(cfg: Config, iteration: int, sub: Subnetwork) -> float:
-    """The learning rate of the step that trains `iteration` with subnetwork `sub`: the warmup + decay schedule
-    times the EST re-warm after stage switches (est/rewarm.py). Every engine sets this one value, and the log
-    records it."""
+def step_lr(cfg: Config, iteration: int, sub: Optional[Subnetwork]) -> float:
+    """The learning rate of the step that trains `iteration` with subnetwork `sub` (None: the full model, no EST
+    schedule, as the engines accept it): the warmup + decay schedule times the EST re-warm after stage switches
+    (est/rewarm.py). Every engine sets this one value, and the log records it."""
+    if sub is None:
+        return learning_rate(cfg.train, iteration)
     factor = rewarm_factor(cfg.est.lr_rewarm_iters, sub.stage, sub.rates.start, iteration)
     return learning_rate(cfg.train, iteration) * factor
 
