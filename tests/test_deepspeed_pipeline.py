@@ -30,13 +30,17 @@ BF16_LOSS_TOL, BF16_NORM_TOL = 2e-3, 2e-2
 
 
 def fp32_copy(path: str, out_dir: str) -> str:
-    """The JSON with its bf16 section switched off and every other key as shipped."""
+    """The JSON with its bf16 section switched off and every other key as shipped. Every rank writes the same
+    file: through a temporary and os.replace, so no rank reads it half-written (a plain open("w") by one rank
+    while another read it gave "not valid JSON" in CI)."""
     with open(path) as f:
         conf = json.load(f)
     conf["bf16"] = {"enabled": False}
     out = os.path.join(out_dir, "fp32_" + os.path.basename(path))
-    with open(out, "w") as f:
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(conf, f)
+    os.replace(tmp, out)
     return out
 
 
