@@ -23,7 +23,7 @@ from megatron_est.config import ConfigError  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.fit import describe_schedule  # noqa: E402
 from megatron_est.est.savings import StageFlops, saving  # noqa: E402
-from megatron_est.est.schedule import SMOOTH  # noqa: E402
+from megatron_est.est.schedule import is_smooth  # noqa: E402
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape  # noqa: E402
 from megatron_est.planning.dry_run import checked_layout  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> float:
           f"{tr.train_iters} iterations of {gbs * m.seq_length} tokens")
     print("| stage | iterations | first | rates (pH,pM,pL) | step FLOPs / full |")
     print("|---|---|---|---|---|")
-    smooth = cfg.est.schedule.strip().startswith(SMOOTH)
+    smooth = is_smooth(cfg.est.schedule)
     for group in (_runs_of_equal_shape(cfg, sampler, stages) if smooth else [[st] for st in stages]):
         print(_row(cfg, sampler, group))
     total = saving(stages)

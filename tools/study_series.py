@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(os.path.join(args.out, "series.md"), "w") as f:
         f.write(f"Final validation loss by training length (seeds {sorted(seeds)}, the ones all studies have).\n\n"
                 + "\n".join(lines) + "\n\nFinal train loss (the last log interval's mean), same runs:\n\n"
-                + "\n".join(train) + "\n" + "".join(f"{line}\n" for line in [""] + fit if fit))
+                + "\n".join(train) + "\n" + ("\n" + "\n".join(fit) + "\n" if fit else ""))
     _plot(rows, args.params, os.path.join(args.out, "series.png"))
     print("\n".join(lines + [""] + train + [""] + fit))
     return rows

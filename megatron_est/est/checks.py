@@ -5,8 +5,8 @@ from __future__ import annotations
 from megatron_est.config import Config, ConfigError
 from megatron_est.est.build import layer_strata
 from megatron_est.est.fit import check_target
-from megatron_est.est.sampler import forced_conflict
-from megatron_est.est.schedule import SMOOTH, Schedule, parse_schedule
+from megatron_est.est.sampler import end_layers, forced_conflict
+from megatron_est.est.schedule import Schedule, is_smooth, parse_schedule
 from megatron_est.parallel.partition import is_even, stage_ranges
 
 UNSAMPLED_UPDATES = ("freeze", "adamw")
@@ -23,7 +23,7 @@ def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
         check_target(est.target_saving, schedule)
     if est.keep_end_layers:
         _check_end_layers(cfg, schedule)
-    if est.lr_rewarm_iters and est.schedule.strip().startswith(SMOOTH):
+    if est.lr_rewarm_iters and is_smooth(est.schedule):
         raise ConfigError("--est-lr-rewarm-iters needs a staged --est-schedule: a smooth schedule switches "
                           "stage every iteration, so the learning rate would never come back")
     return schedule
@@ -34,7 +34,7 @@ def _check_end_layers(cfg: Config, schedule: Schedule) -> None:
     n = cfg.model.num_layers
     ranges = layer_strata(cfg) if cfg.est.stratified else ((0, n),)
     for p in sorted({st.p_layers for st in schedule.stages if st.p_layers < 1.0}):
-        problem = forced_conflict(ranges, sorted({0, n - 1}), p)
+        problem = forced_conflict(ranges, end_layers(n), p)
         if problem is not None:
             raise ConfigError(f"--est-keep-end-layers: {problem} (raise p_L, or use more layer strata: "
                               "--est-pp-strata)")

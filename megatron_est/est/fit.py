@@ -11,7 +11,7 @@ from typing import Callable
 from megatron_est.config import ConfigError, ESTConfig, ModelConfig
 from megatron_est.est.flops import step_flops
 from megatron_est.est.sampler import SubnetworkSampler, keep_count
-from megatron_est.est.schedule import SMOOTH, Schedule, Stage
+from megatron_est.est.schedule import Schedule, Stage, is_smooth
 
 FLAG = "--est-target-saving"
 TOLERANCE = 0.005  # half a percentage point
@@ -41,14 +41,14 @@ def stage_ratios(schedule: Schedule, make_sampler: Callable[[Schedule], Subnetwo
                  model: ModelConfig) -> list[float]:
     """Step FLOPs / full-model step FLOPs of each stage, from subnetworks drawn as training draws them."""
     full = step_flops(model, 1)
-    ranges = make_sampler(schedule)  # the sampling ranges, which do not depend on the schedule
+    sampler = make_sampler(schedule)  # for its sampling ranges, which do not depend on the schedule
     cache: dict[tuple, float] = {}
     ratios = []
     for st in schedule.stages:
-        key = _draw_key(ranges, st)
+        key = _draw_key(sampler, st)
         if key not in cache:
-            sampler = make_sampler(Schedule((dataclasses.replace(st, start=0),)))  # this stage at every iteration
-            cache[key] = sum(step_flops(model, 1, sampler(i)) for i in range(_DRAWS)) / (_DRAWS * full)
+            draw = make_sampler(Schedule((dataclasses.replace(st, start=0),)))  # this stage at every iteration
+            cache[key] = sum(step_flops(model, 1, draw(i)) for i in range(_DRAWS)) / (_DRAWS * full)
         ratios.append(cache[key])
     return ratios
 
@@ -116,7 +116,7 @@ def describe_schedule(est: ESTConfig, schedule: Schedule) -> str:
     """Log text: the spec as given, and the resolved stage starts when --est-target-saving moved them."""
     if est.target_saving is None:
         return est.schedule
-    if est.schedule.strip().startswith(SMOOTH):  # thousands of one-iteration stages: where the ramp now ends
+    if is_smooth(est.schedule):  # thousands of one-iteration stages: where the ramp now ends
         return (f"{est.schedule} scaled for {FLAG} {est.target_saving:g}: {len(schedule.stages)} stages, the last "
                 f"starting at iteration {schedule.stages[-1].start}")
     return f"{est.schedule} scaled for {FLAG} {est.target_saving:g}: {format_schedule(schedule)}"

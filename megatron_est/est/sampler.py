@@ -57,13 +57,9 @@ def _generator(seed: int, iteration: int) -> torch.Generator:
     return g
 
 
-def _sample_strata(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: float) -> torch.Tensor:
-    """Keep keep_count(p, size) indices uniformly without replacement inside each [start, end) range."""
-    kept = []
-    for start, end in ranges:
-        n = end - start
-        kept.append(torch.randperm(n, generator=g)[: keep_count(p, n)] + start)
-    return torch.cat(kept).sort().values
+def end_layers(num_layers: int) -> tuple[int, ...]:
+    """The layers --est-keep-end-layers always keeps: the first and the last."""
+    return tuple(sorted({0, num_layers - 1}))
 
 
 def forced_conflict(ranges: Sequence[tuple[int, int]], forced: Sequence[int], p: float) -> Optional[str]:
@@ -76,18 +72,23 @@ def forced_conflict(ranges: Sequence[tuple[int, int]], forced: Sequence[int], p:
     return None
 
 
-def _sample_strata_forced(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: float,
-                          forced: Sequence[int]) -> torch.Tensor:
-    """Like _sample_strata, but each range keeps its forced indices and draws only the rest of its
-    keep_count(p, size) among its other indices: every range keeps the same count as without forcing."""
+def _sample_strata(g: torch.Generator, ranges: Sequence[tuple[int, int]], p: float,
+                   forced: Sequence[int] = ()) -> torch.Tensor:
+    """Keep keep_count(p, size) indices uniformly without replacement inside each [start, end) range. A range
+    holding forced indices keeps them and draws only the rest of its count among its other indices (the same
+    count, and without forced indices the same draw from the generator)."""
     problem = forced_conflict(ranges, forced, p)
     if problem is not None:  # est/checks.py refuses this up front; here for samplers built by hand
         raise ConfigError(f"--est-keep-end-layers: {problem}")
     kept = []
     for start, end in ranges:
         mine = [i for i in forced if start <= i < end]
+        n, k = end - start, keep_count(p, end - start)
+        if not mine:
+            kept.append(torch.randperm(n, generator=g)[:k] + start)
+            continue
         others = torch.tensor([i for i in range(start, end) if i not in mine], dtype=torch.long)
-        draw = torch.randperm(len(others), generator=g)[: keep_count(p, end - start) - len(mine)]
+        draw = torch.randperm(len(others), generator=g)[: k - len(mine)]
         kept += [torch.tensor(mine, dtype=torch.long), others[draw]]
     return torch.cat(kept).sort().values
 
@@ -101,7 +102,7 @@ class SubnetworkSampler:
 
     def forced_layers(self) -> tuple[int, ...]:
         """Layers every layer-sampling step keeps (--est-keep-end-layers: the first and the last)."""
-        return tuple(sorted({0, self.model.num_layers - 1})) if self.keep_end_layers else ()
+        return end_layers(self.model.num_layers) if self.keep_end_layers else ()
 
     # The ranges each dimension is sampled in (keep_count(p, size) kept in each); est/stage_flops.py counts
     # a stage's FLOPs from them in closed form.
@@ -129,10 +130,8 @@ class SubnetworkSampler:
             return Subnetwork(stage_idx, rates, tuple(range(m.num_layers)), (None,) * m.num_layers,
                               (None,) * m.num_layers, 1.0)
         g = _generator(self.seed, iteration)
-        if rates.p_layers < 1.0 and self.keep_end_layers:
-            layers = tuple(_sample_strata_forced(g, self.layer_ranges(), rates.p_layers, self.forced_layers()).tolist())
-        elif rates.p_layers < 1.0:
-            layers = tuple(_sample_strata(g, self.layer_ranges(), rates.p_layers).tolist())
+        if rates.p_layers < 1.0:
+            layers = tuple(_sample_strata(g, self.layer_ranges(), rates.p_layers, self.forced_layers()).tolist())
         else:
             layers = tuple(range(m.num_layers))
         heads, neurons = [], []

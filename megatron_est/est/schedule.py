@@ -81,6 +81,11 @@ def _shortest_run(spec: str) -> int:
 SMOOTH = "smooth:"
 
 
+def is_smooth(spec: str) -> bool:
+    """A 'smooth:...' --est-schedule (rates interpolated every iteration: smooth_schedule)."""
+    return spec.strip().startswith(SMOOTH)
+
+
 def parse_schedule(spec: str, train_iters: int) -> Schedule:
     """Parse a preset name, "none", "START:pH,pM,pL;..." (START an iteration or a percentage), or
     "smooth:START:pH,pM,pL;..." (the same points, rates interpolated linearly between them: smooth_schedule)."""
@@ -88,7 +93,7 @@ def parse_schedule(spec: str, train_iters: int) -> Schedule:
     spec = spec.strip()
     if spec in ("none", ""):
         return FULL
-    if spec.startswith(SMOOTH):
+    if is_smooth(spec):
         return smooth_schedule(_parse_stages(spec[len(SMOOTH):], train_iters), train_iters)
     preset, spec = (spec if spec in SCHEDULE_PRESETS else None), SCHEDULE_PRESETS.get(spec, spec)
     if ":" not in spec:
