@@ -3,8 +3,11 @@ the new step path and the old one.
 
     OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 4     # GPT-2 124M shape, seq 256
     python bench/bench_est_step.py --preset gpt2-tiny --reps 10 --paths new
+    OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 4 --micro-batches 4 --paths new
+    OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 2 --paths new --processes 3
 
-A step is what the plain engine does (training/engine.py): zero_grad, forward + backward on a new subnetwork,
+A step is what the plain engine does (training/engine.py): zero_grad, forward + backward on a new subnetwork
+(over --micro-batches accumulated micro-batches, 1 by default),
 the unsampled policy's gradient completion, clipping, the policy's optimizer step (--unsampled-update, freeze by
 default). Paths: "new" = sliced gradients added straight into .grad (parallel/sliced_grad.py), torch's fused
 AdamW, freeze stepping sliced weights on their kept slices (est/unsampled.py Narrowed); "old" = autograd's
@@ -18,8 +21,11 @@ cores, where wall time does; it does not see memory-bandwidth contention).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,15 +64,54 @@ def _own_flags() -> argparse.Namespace:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--unsampled-update", default="freeze", choices=("freeze", "adamw"))
     ap.add_argument("--paths", default="new,old", help="comma-separated: new, old")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="micro-batches accumulated per optimizer step (one subnetwork for all of them)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the whole benchmark in this many fresh processes, one after another, and report "
+                         "the median over them with the range (a process's memory placement moves its ratios)")
+    ap.add_argument("--json-out", help="also write the rows as JSON here (used by --processes)")
     own, rest = ap.parse_known_args()
+    own.rest = rest
     sys.argv = [sys.argv[0], *rest]
     return own
 
 
+def _over_processes(own: argparse.Namespace) -> None:
+    """Run this benchmark in own.processes fresh processes; print the median ratio rows with their ranges."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(own.processes):
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *own.rest, "--unsampled-update", own.unsampled_update,
+                   "--paths", own.paths, "--micro-batches", str(own.micro_batches), "--json-out", out]
+            print(f"# process {i + 1}/{own.processes}", flush=True)
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                runs.append(json.load(f))
+    print(f"# median over {own.processes} processes (min..max of the diff and the saving)")
+    print("| clock | path | variant | FLOPs ratio | step time ratio | diff (range) | saving (range) | "
+          "fwd+bwd ratio | diff (range) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, row in enumerate(runs[0]):
+        rs = [run[k] for run in runs]
+        fr, step, fb = row["flops"], [r["step"] for r in rs], [r["fwd+bwd"] for r in rs]
+        sav = [(1 - x) / (1 - fr) for x in step] if fr < 1 else None
+        saving = f"{median(sav):.3f} ({min(sav):.3f}..{max(sav):.3f})" if sav else "-"
+        print(f"| {row['clock']} | {row['path']} | {row['variant']} | {fr:.3f} | {median(step):.3f} | "
+              f"{median(step) - fr:+.3f} ({min(step) - fr:+.3f}..{max(step) - fr:+.3f}) | {saving} | "
+              f"{median(fb):.3f} | {median(fb) - fr:+.3f} ({min(fb) - fr:+.3f}..{max(fb) - fr:+.3f}) |")
+
+
 def main() -> None:
     own = _own_flags()
+    if own.processes > 1:
+        return _over_processes(own)
     args, cfg, tokens = model_bench_setup(__doc__)
-    args.unsampled_update, args.paths = own.unsampled_update, own.paths
+    args.unsampled_update, args.paths, n_micro = own.unsampled_update, own.paths, own.micro_batches
+    # one distinct micro-batch per accumulation step; the first is model_bench_setup's
+    tokens = torch.cat([tokens] + [torch.randint(0, cfg.vocab_size, tokens.shape,
+                                                 generator=torch.Generator().manual_seed(i))
+                                   for i in range(1, n_micro)])
     model = LanguageModel(cfg, seed=0)
     params = list(model.parameters())
     paths = _paths(model, TrainConfig(), args.unsampled_update, args.paths.split(","))
@@ -82,7 +127,8 @@ def main() -> None:
         t0 = {c: f() for c, f in CLOCKS.items()}
         plan = model.make_plan(samplers[stage](counter["it"]))
         opt.zero_grad(set_to_none=True)
-        model(tokens[:, :-1], tokens[:, 1:], plan).mean().backward()
+        for mb in tokens.split(args.micro_batch_size):
+            (model(mb[:, :-1], mb[:, 1:], plan).mean() / n_micro).backward()
         t1 = {c: f() for c, f in CLOCKS.items()}
         policy.complete_grads(params)
         grad_norm_and_clip(params, 1.0, None, 1)
@@ -98,15 +144,17 @@ def main() -> None:
                         times[(clock, path, stage)]["step"].append(total)
                         times[(clock, path, stage)]["fwd+bwd"].append(fb)
     load_end = os.getloadavg()
-    n_tok = args.micro_batch_size * cfg.seq_length
+    n_tok = args.micro_batch_size * n_micro * cfg.seq_length
     full_flops = step_flops(cfg, n_tok)
     print(f"# bench_est_step: preset {args.preset}, seq {cfg.seq_length}, micro-batch {args.micro_batch_size}, "
-          f"{sum(p.numel() for p in params) / 1e6:.1f}M params, threads {args.threads}, reps {args.reps}, "
+          f"x {n_micro} accumulated, {sum(p.numel() for p in params) / 1e6:.1f}M params, threads {args.threads}, "
+          f"reps {args.reps}, "
           f"--unsampled-update {args.unsampled_update}; load average (1, 5, 15 min) at start "
           f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}")
     print("| clock | path | variant | FLOPs ratio | step time ratio | diff | saving | fwd+bwd time ratio | diff | "
           "median step s | median optimizer s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for clock in CLOCKS:
         for path in paths:
             base = {k: median(v) for k, v in times[(clock, path, "full")].items()}
@@ -118,6 +166,11 @@ def main() -> None:
                 opt_s = median([a - b for a, b in zip(t["step"], t["fwd+bwd"])])
                 print(f"| {clock} | {path} | {stage} | {fr:.3f} | {r_step:.3f} | {r_step - fr:+.3f} | {saving} | "
                       f"{r_fb:.3f} | {r_fb - fr:+.3f} | {median(t['step']):.3f} | {opt_s:.3f} |")
+                rows.append({"clock": clock, "path": path, "variant": stage, "flops": fr, "step": r_step,
+                             "fwd+bwd": r_fb})
+    if own.json_out:
+        with open(own.json_out, "w") as f:
+            json.dump(rows, f)
 
 
 if __name__ == "__main__":
