@@ -52,7 +52,8 @@ def _config(args: argparse.Namespace, tp: int, pp: int, schedule: str, stratifie
     model = _model(args)
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                          decoder_first_pipeline_num_layers=args.first_stage_layers,
-                         decoder_last_pipeline_num_layers=args.last_stage_layers)
+                         decoder_last_pipeline_num_layers=args.last_stage_layers,
+                         pipeline_partition=args.pipeline_partition)
     gbs = args.micro_batch_size * args.micro_batches
     tr = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=gbs, train_iters=10**6,
                      lr_warmup_iters=0)
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (per DP rank)")
     ap.add_argument("--first-stage-layers", type=int, default=None)
     ap.add_argument("--last-stage-layers", type=int, default=None)
+    ap.add_argument("--pipeline-partition", default="even", choices=("even", "balanced"))
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()

@@ -142,6 +142,10 @@ class ParallelConfig:
     decoder_last_pipeline_num_layers: Optional[int] = opt(
         None, "layers on the last pipeline stage (uneven pipeline; the rest split evenly)", DIST,
         check=at_least(1), default_text="an even share")
+    pipeline_partition: str = opt("even", "how the layers split over pipeline stages: even (or as the two flags "
+                                  "above say), or balanced: the first/last stage layer counts that even out the "
+                                  "stages' FLOPs, the LM head on the last stage counted (--dry-run shows the split)",
+                                  DIST, check=one_of("even", "balanced"))
     distributed_backend: Optional[str] = opt(None, "torch.distributed backend: nccl or gloo", DIST,
                                              check=one_of("nccl", "gloo"), default_text="nccl on GPU, gloo on CPU")
     world_size: Optional[int] = opt(None, "ranks of the plan, for --dry-run and the planning tools (no launcher "
@@ -165,8 +169,10 @@ class ESTConfig:
     tp_strata: Optional[int] = opt(None, "sampling strata for heads and neurons; give fixed values to draw the same "
                                    "subnetworks whatever the layout", EST, check=at_least(1),
                                    default_text="--tensor-model-parallel-size")
-    pp_strata: Optional[int] = opt(None, "sampling strata for layers", EST, check=at_least(1),
-                                   default_text="--pipeline-model-parallel-size")
+    pp_strata: Optional[int] = opt(None, "sampling strata for layers: equal ranges (a divisor of --num-layers), "
+                                   "wherever the stage boundaries fall; give a fixed value to draw the same "
+                                   "layers whatever the layout", EST, check=at_least(1),
+                                   default_text="the pipeline stages themselves")
     seed: Optional[int] = opt(None, "seed of the subnetwork sampler", EST, default_text="--seed")
     # One default in every engine and layout (switching it is this one line); the study
     # (docs/reproduction.md) measured freeze 0.07 nats better than adamw at 36 tokens per parameter (3 seeds),

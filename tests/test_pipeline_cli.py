@@ -26,8 +26,12 @@ CASES = [
     (["--decoder-last-pipeline-num-layers", "2"], 1, "need --pipeline-model-parallel-size > 1"),
     ([PP, "2", "--micro-batch-size", "2", "--global-batch-size", "6"], 4,
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
-    (["--num-layers", "6", PP, "2", "--decoder-first-pipeline-num-layers", "2", "--est-pp-strata", "6"], 2,
-     "--est-pp-strata 6 must be unset"),
+    (["--num-layers", "6", PP, "2", "--decoder-first-pipeline-num-layers", "2", "--est-pp-strata", "4"], 2,
+     "--est-pp-strata 4 must divide --num-layers 6"),
+    (["--num-layers", "6", PP, "2", "--pipeline-partition", "balanced", "--decoder-last-pipeline-num-layers", "2"],
+     2, "--pipeline-partition balanced chooses --decoder-first-pipeline-num-layers / "
+        "--decoder-last-pipeline-num-layers itself"),
+    ([PP, "2", "--pipeline-partition", "cost"], 2, "--pipeline-partition: unknown value 'cost'"),
 ]
 
 

@@ -46,6 +46,29 @@ def test_per_pipeline_stage_flops_equal_a_drawn_step_on_uneven_stages():
         assert shape.exact and pipeline_stage_flops(cfg, shape, 5) == drawn
 
 
+def test_strata_crossing_stage_boundaries_give_the_drawn_mean_per_stage():
+    # 8 layers in 2 strata of 4 (--est-pp-strata 2) over an uneven 3 + 5 split: stratum 0-3 crosses into stage
+    # 1. By hand at p_L 0.5 (2 of each 4 kept): stage 0 holds 3 of stratum 0's 4 layers, 2 * 3/4 = 1.5 kept on
+    # average; stage 1 holds layer 3 (0.5) and all of stratum 4-7 (2): 2.5. The whole model keeps 4, exactly.
+    cfg = _cfg(pp=2, schedule="0:1,1,0.5", iters=1,
+               par=dict(decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=5))
+    cfg = Config(model=cfg.model, parallel=cfg.parallel, train=cfg.train,
+                 est=ESTConfig(schedule="0:1,1,0.5", pp_strata=2))
+    sampler = build_sampler(cfg)
+    shape = stage_shape(cfg, sampler, Stage(0, 1.0, 1.0, 0.5))
+    assert shape.layers == (1.5, 2.5) and not shape.exact
+    n = 2000
+    per_stage = [[sum(i < 3 for i in sampler(it).layers), sum(i >= 3 for i in sampler(it).layers)] for it in range(n)]
+    assert all(a + b == 4 for a, b in per_stage) and len({a for a, _ in per_stage}) == 2  # 1 or 2 on stage 0
+    mean0 = statistics.fmean(a for a, _ in per_stage)
+    assert abs(mean0 - 1.5) < 5 * 0.5 / math.sqrt(n)  # within 5 standard errors (a fair 1-or-2 coin: sd 0.5)
+    # With the stages as strata (the default) every step keeps round(0.5 x 3) = 2 and round(0.5 x 5) = 3.
+    default = _cfg(pp=2, schedule="0:1,1,0.5", iters=1,
+                   par=dict(decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=5))
+    d_shape = stage_shape(default, build_sampler(default), Stage(0, 1.0, 1.0, 0.5))
+    assert d_shape.layers == (2.0, 3.0) and d_shape.exact
+
+
 def test_unstratified_gqa_gives_the_expected_kv_heads():
     # 8 query heads in 2 KV groups of 4; p_H 0.5 keeps 4 heads drawn from all 8: both groups are used unless all
     # 4 fall in one group, which happens in 2 of C(8, 4) = 70 draws. Expected KV heads: 2 - 2/70 = 1.9714.

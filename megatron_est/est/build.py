@@ -6,18 +6,16 @@ from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.fit import fit_schedule
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
 from megatron_est.est.schedule import Schedule, parse_schedule
-from megatron_est.parallel.partition import is_even
 
 
 def layer_strata(cfg: Config) -> tuple[tuple[int, int], ...]:
-    """Layer strata: --est-pp-strata even ranges, or the pipeline stages themselves when they are uneven.
-
-    Either way every stratum lies inside one stage, so stratified sampling keeps each stage's share of layers.
-    """
-    stages = stage_ranges(cfg)
-    if not is_even(stages):
-        return stages
-    return even_ranges(cfg.model.num_layers, cfg.est.pp_strata or cfg.parallel.pipeline_model_parallel_size)
+    """Layer strata: by default the pipeline stages themselves (even or not), so stratified sampling keeps every
+    stage's share of its layers and the stages stay balanced; with --est-pp-strata N, N equal ranges wherever the
+    stage boundaries fall, so every layout that shares the flag draws the same layers (a stratum that crosses a
+    boundary gives its stages kept counts that vary from step to step)."""
+    if cfg.est.pp_strata is None:
+        return stage_ranges(cfg)
+    return even_ranges(cfg.model.num_layers, cfg.est.pp_strata)
 
 
 def build_sampler(cfg: Config) -> SubnetworkSampler:

@@ -7,14 +7,13 @@ from megatron_est.est.build import layer_strata
 from megatron_est.est.fit import check_target
 from megatron_est.est.sampler import end_layers, forced_conflict
 from megatron_est.est.schedule import Schedule, is_smooth, parse_schedule
-from megatron_est.parallel.partition import is_even, stage_ranges
 
 UNSAMPLED_UPDATES = ("freeze", "adamw")
 
 
 def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
     est = cfg.est
-    _check_strata(cfg, tp, pp)
+    _check_strata(cfg, tp)
     if est.unsampled_update not in UNSAMPLED_UPDATES:
         raise ConfigError(f"--est-unsampled-update: unknown value {est.unsampled_update!r} (freeze or adamw; "
                           "freeze, the default, is the same algorithm in every engine and layout)")
@@ -40,7 +39,7 @@ def _check_end_layers(cfg: Config, schedule: Schedule) -> None:
                               "--est-pp-strata)")
 
 
-def _check_strata(cfg: Config, tp: int, pp: int) -> None:
+def _check_strata(cfg: Config, tp: int) -> None:
     m, est = cfg.model, cfg.est
     hs = est.tp_strata or tp
     if hs % tp:
@@ -49,12 +48,6 @@ def _check_strata(cfg: Config, tp: int, pp: int) -> None:
         raise ConfigError(f"--est-tp-strata {hs} does not divide --ffn-hidden-size {m.ffn_hidden_size}")
     if m.queries_per_group == 1 and m.num_attention_heads % hs:
         raise ConfigError(f"--est-tp-strata {hs} does not divide --num-attention-heads {m.num_attention_heads}")
-    if not is_even(stage_ranges(cfg)):  # uneven stages: the layer strata are the stages themselves
-        if est.pp_strata not in (None, pp):
-            raise ConfigError(f"--est-pp-strata {est.pp_strata} must be unset (or {pp}) with "
-                              "--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers")
-        return
-    ls = est.pp_strata or pp
-    if ls % pp or m.num_layers % ls:
-        raise ConfigError(f"--est-pp-strata {ls} must be a multiple of --pipeline-model-parallel-size {pp} and "
-                          f"divide --num-layers {m.num_layers}")
+    ls = est.pp_strata
+    if ls is not None and m.num_layers % ls:  # equal strata, wherever the stage boundaries fall (est/build.py)
+        raise ConfigError(f"--est-pp-strata {ls} must divide --num-layers {m.num_layers}")

@@ -1,10 +1,11 @@
 """Training FLOPs counted from the shapes actually run.
 
-Counting rule: every matmul of m x k by k x n costs 2*m*k*n FLOPs; a training step costs 3x its forward pass
-(backward = 2x forward). Counted: QKV projection (kept query heads plus the KV heads they use), attention
-scores and attention-weighted values over the full s x s square (as Megatron counts them, ignoring the causal
-half), output projection, the MLP over kept neurons, and the LM head over the padded vocabulary. Not counted:
-embedding lookups, norms, activations, softmax, the optimizer. Skipped layers cost nothing.
+Counting rule (the per-token costs: megatron_est/flops_rule.py): every matmul of m x k by k x n costs 2*m*k*n
+FLOPs; a training step costs 3x its forward pass (backward = 2x forward). Counted: QKV projection (kept query
+heads plus the KV heads they use), attention scores and attention-weighted values over the full s x s square
+(as Megatron counts them, ignoring the causal half), output projection, the MLP over kept neurons, and the LM
+head over the padded vocabulary. Not counted: embedding lookups, norms, activations, softmax, the optimizer.
+Skipped layers cost nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Optional
 import torch
 
 from megatron_est.config import ModelConfig
+from megatron_est.flops_rule import head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_est.est.sampler import Subnetwork
 
 
@@ -20,19 +22,6 @@ def _kv_heads_used(cfg: ModelConfig, kept_heads: Optional[torch.Tensor]) -> int:
     if kept_heads is None:
         return cfg.num_query_groups
     return int(torch.unique(kept_heads // cfg.queries_per_group).numel())
-
-
-def layer_forward_flops_per_token(cfg: ModelConfig, n_q: int, n_kv: int, n_neurons: int) -> int:
-    h, d, s = cfg.hidden_size, cfg.head_dim, cfg.seq_length
-    qkv = 2 * h * (n_q + 2 * n_kv) * d
-    scores = 2 * 2 * n_q * s * d  # Q K^T and A V
-    proj = 2 * n_q * d * h
-    mlp = 2 * h * n_neurons * (3 if cfg.activation == "swiglu" else 2)
-    return qkv + scores + proj + mlp
-
-
-def head_forward_flops_per_token(cfg: ModelConfig) -> int:
-    return 2 * cfg.hidden_size * cfg.padded_vocab_size
 
 
 def step_flops(cfg: ModelConfig, tokens: int, sub: Optional[Subnetwork] = None) -> int:

@@ -12,10 +12,11 @@ Two counts are not fixed by the keep counts, and the closed form gives their exp
   - the KV heads used under --no-est-stratified with grouped queries: k of H query heads drawn uniformly touch
     G * (1 - C(H - r, k) / C(H, k)) of the G groups of r heads on average (a group is unused only when all k
     draws miss its r heads); the per-step count varies between ceil(k / r) and min(G, k);
-  - the layers each pipeline stage keeps under --no-est-stratified: k of L layers drawn uniformly put
-    k * n_s / L of them in a stage of n_s layers on average (the whole model's count k is still exact); with
-    --est-keep-end-layers the f end layers a stage holds are always kept and the other k - F (F forced in all)
-    fall uniformly among the L - F others: f + (k - F) * (n_s - f) / (L - F).
+  - the layers each pipeline stage keeps when a sampling range crosses a stage boundary (--no-est-stratified:
+    the whole model is one range; --est-pp-strata N: equal strata wherever the stages end): k of a range's L
+    layers drawn uniformly put k * n / L of them in the n it shares with a stage on average (the whole model's
+    count is still exact); with --est-keep-end-layers the f end layers of those n are always kept and the other
+    k - F (F forced in the range) fall uniformly among its L - F others: f + (k - F) * (n - f) / (L - F).
 `StageShape.exact` says whether every step runs exactly the counted FLOPs.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from megatron_est.config import Config
 from megatron_est.parallel.partition import stage_ranges
-from megatron_est.est.flops import head_forward_flops_per_token, layer_forward_flops_per_token
+from megatron_est.flops_rule import head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_est.est.sampler import SubnetworkSampler, keep_count
 from megatron_est.est.savings import StageFlops
 from megatron_est.est.schedule import Stage
@@ -65,21 +66,29 @@ def _kv_heads(cfg: Config, sampler: SubnetworkSampler, n_q: int, p_heads: float)
 
 
 def _stage_layers(cfg: Config, sampler: SubnetworkSampler, p_layers: float) -> tuple[tuple[float, ...], bool]:
+    """Kept layers per pipeline stage: each sampling range (a stratum, or the whole model unstratified) keeps
+    keep_count(p, size) layers, its forced end layers (--est-keep-end-layers) and the rest uniformly among its
+    other layers, so a stage holds the expected share of every range it overlaps: all of it, exactly, when the
+    range lies inside the stage."""
     stages = stage_ranges(cfg)
     if p_layers >= 1.0:
         return tuple(float(b - a) for a, b in stages), True
-    ranges = sampler.layer_ranges()
-    if sampler.stratified:  # every layer stratum lies inside one pipeline stage (est/build.py)
-        return tuple(float(sum(keep_count(p_layers, e - s) for s, e in ranges if a <= s < b)) for a, b in stages), True
-    k, n, forced = _kept(ranges, p_layers), cfg.model.num_layers, sampler.forced_layers()
-    # The forced end layers (--est-keep-end-layers) sit in their stages; the other k - F kept layers (F forced
-    # in all) fall uniformly among the n - F others.
+    ranges, forced = sampler.layer_ranges(), sampler.forced_layers()
 
     def expected(a: int, b: int) -> float:
-        f = sum(a <= i < b for i in forced)
-        return f + (k - len(forced)) * (b - a - f) / max(1, n - len(forced))
+        total = 0.0
+        for s, e in ranges:
+            lo, hi = max(a, s), min(b, e)
+            if lo >= hi:
+                continue
+            mine = [i for i in forced if s <= i < e]
+            here = sum(lo <= i < hi for i in mine)
+            total += here + (keep_count(p_layers, e - s) - len(mine)) * (hi - lo - here) / max(1, e - s - len(mine))
+        return total
 
-    return tuple(expected(a, b) for a, b in stages), len(stages) == 1 or k == n
+    exact = all(keep_count(p_layers, e - s) == e - s or any(a <= s and e <= b for a, b in stages)
+                for s, e in ranges)
+    return tuple(expected(a, b) for a, b in stages), exact
 
 
 def stage_shape(cfg: Config, sampler: SubnetworkSampler, stage: Stage) -> StageShape:

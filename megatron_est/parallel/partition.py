@@ -1,4 +1,5 @@
-"""Static partition of the decoder layers over pipeline stages (even, or with a custom first/last stage).
+"""Static partition of the decoder layers over pipeline stages: even, with a custom first/last stage, or
+balanced by cost (--pipeline-partition balanced: the first/last stage counts that even out the FLOPs).
 
 A pure function of the configuration: every rank computes the same partition without communication, and the
 EST sampler uses it as its layer strata so that each stage keeps the same share of its own layers.
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_est.config import Config, ConfigError
+from megatron_est.config import Config, ConfigError, ModelConfig
+from megatron_est.flops_rule import full_layer_forward_flops_per_token, head_forward_flops_per_token
 
 FIRST_FLAG = "--decoder-first-pipeline-num-layers"
 LAST_FLAG = "--decoder-last-pipeline-num-layers"
+PARTITION_FLAG = "--pipeline-partition"
 
 
 def stage_layer_ranges(num_layers: int, pp: int, first: Optional[int] = None,
@@ -43,12 +46,47 @@ def stage_layer_ranges(num_layers: int, pp: int, first: Optional[int] = None,
     return tuple(ranges)
 
 
-def is_even(ranges: tuple[tuple[int, int], ...]) -> bool:
-    return len({end - start for start, end in ranges}) == 1
+def balanced_first_last(num_layers: int, pp: int, head_cost: float) -> tuple[int, int]:
+    """First and last stage layer counts (the middle stages split the rest evenly, as with the two flags) that
+    minimise the largest stage's cost, a layer costing 1 and the LM head on the last stage `head_cost` (the
+    embedding lookup costs no FLOPs). Ties go to the split closest to even. Every stage keeps >= 1 layer."""
+    best = None
+    for last in range(1, num_layers - pp + 2):
+        for first in ([num_layers - last] if pp == 2 else range(1, num_layers - last - (pp - 2) + 1)):
+            rest = num_layers - first - last
+            if pp > 2 and (rest < pp - 2 or rest % (pp - 2)):
+                continue
+            if pp == 2 and first < 1:
+                continue
+            sizes = [first] + [rest // (pp - 2)] * (pp - 2) + [last] if pp > 2 else [first, last]
+            costs = sizes[:-1] + [last + head_cost]
+            even = num_layers / pp
+            key = (round(max(costs), 9), sum((n - even) ** 2 for n in sizes))
+            if best is None or key < best[0]:
+                best = (key, (first, last))
+    if best is None:
+        raise ConfigError(f"{PARTITION_FLAG} balanced: --num-layers {num_layers} cannot give each of "
+                          f"--pipeline-model-parallel-size {pp} stages a layer")
+    return best[1]
+
+
+def head_cost_in_layers(m: ModelConfig) -> float:
+    """The LM head's forward FLOPs per token in units of one full decoder layer's (megatron_est/flops_rule.py)."""
+    return head_forward_flops_per_token(m) / full_layer_forward_flops_per_token(m)
+
+
+def first_last(cfg: Config) -> tuple[Optional[int], Optional[int]]:
+    """The first/last stage layer counts of a run: the flags', or the balanced choice (None: an even share)."""
+    par = cfg.parallel
+    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    if par.pipeline_partition != "balanced" or par.pipeline_model_parallel_size == 1:
+        return first, last
+    if first is not None or last is not None:
+        raise ConfigError(f"{PARTITION_FLAG} balanced chooses {FIRST_FLAG} / {LAST_FLAG} itself; give one or the "
+                          f"other")
+    return balanced_first_last(cfg.model.num_layers, par.pipeline_model_parallel_size, head_cost_in_layers(cfg.model))
 
 
 def stage_ranges(cfg: Config) -> tuple[tuple[int, int], ...]:
     """[start, end) layer range of every pipeline stage of a run (ConfigError when the layers do not split)."""
-    par = cfg.parallel
-    return stage_layer_ranges(cfg.model.num_layers, par.pipeline_model_parallel_size,
-                              par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)
+    return stage_layer_ranges(cfg.model.num_layers, cfg.parallel.pipeline_model_parallel_size, *first_last(cfg))

@@ -18,6 +18,7 @@ from megatron_est.est.schedule import Stage
 from megatron_est.est.stage_flops import (StageShape, closed_form_flops, pipeline_stage_flops, stage_shape,
                                           step_flops_closed)
 from megatron_est.parallel.layout import Layout
+from megatron_est.parallel.partition import balanced_first_last, head_cost_in_layers, stage_ranges
 from megatron_est.planning.memory import GiB, MemoryEstimate, engine_plan, estimate
 from megatron_est.planning.params import all_rank_params, model_parameters, rank_params
 
@@ -99,6 +100,7 @@ def report(cfg: Config) -> list[str]:
            f"rank and step); {engine}, "
            f"{e.precision}, recompute {e.recompute or 'off'}"]
     out += _param_lines(cfg, lay)
+    out += _partition_lines(cfg)
     out.append(f"tokens per step: {tokens:,}")
     stages = closed_form_flops(cfg, sampler, tr.train_iters, tokens)
     shapes = [(s.stage, sampler.schedule.stages[s.stage - 1],
@@ -110,6 +112,33 @@ def report(cfg: Config) -> list[str]:
                f"{sum(s.full_flops for s in stages):.4e}: {100 * saving(stages):.2f}% saved")
     out.append("memory: per rank of the busiest TP position (every TP rank holds the same shapes); "
                "formulas in megatron_est/planning/memory.py")
+    return out
+
+
+def _imbalance(sizes: list[int], head: float) -> float:
+    """Largest over mean stage cost of the full model (a layer costs 1, the LM head `head`, on the last stage)."""
+    costs = sizes[:-1] + [sizes[-1] + head]
+    return max(costs) / (sum(costs) / len(costs))
+
+
+def _partition_lines(cfg: Config) -> list[str]:
+    """The pipeline stages' layers and full-model FLOPs balance; with an even split that the LM head unbalances
+    by more than 10%, what --pipeline-partition balanced would choose instead."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if pp == 1:
+        return []
+    ranges, head = stage_ranges(cfg), head_cost_in_layers(cfg.model)
+    sizes = [b - a for a, b in ranges]
+    out = [f"pipeline stages: layers {' | '.join(f'{a}-{b - 1}' for a, b in ranges)} "
+           f"(--pipeline-partition {cfg.parallel.pipeline_partition}); LM head = {head:.2f} layers of FLOPs; "
+           f"full-model stage FLOPs max/mean {_imbalance(sizes, head):.2f}"]
+    explicit = cfg.parallel.decoder_first_pipeline_num_layers, cfg.parallel.decoder_last_pipeline_num_layers
+    if cfg.parallel.pipeline_partition == "even" and explicit == (None, None) and _imbalance(sizes, head) > 1.1:
+        first, last = balanced_first_last(cfg.model.num_layers, pp, head)
+        middle = [(cfg.model.num_layers - first - last) // (pp - 2)] * (pp - 2) if pp > 2 else []
+        out.append(f"hint: --pipeline-partition balanced would split the layers "
+                   f"{' + '.join(map(str, [first, *middle, last]))} (max/mean "
+                   f"{_imbalance([first, *middle, last], head):.2f})")
     return out
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_est.config import Config
-from megatron_est.est.flops import layer_forward_flops_per_token
+from megatron_est.flops_rule import layer_forward_flops_per_token
 from megatron_est.est.stage_flops import StageShape, pipeline_stage_flops
 from megatron_est.planning.memory import EnginePlan
 
