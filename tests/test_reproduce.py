@@ -5,7 +5,11 @@ import shutil
 
 import pytest
 
+from megatron_est.arguments import parse_args
+from megatron_est.config import ConfigError
 from megatron_est.study.report import RunResult, flops_to_reach, paired_table, summary_table, switch_table
+from megatron_est.study.runs import baseline_run, control_run, est_run
+from megatron_est.validation import validate
 from tools.reproduce import main
 
 TRAIN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -139,3 +143,17 @@ def test_checkpoints_fall_on_log_lines():
     assert interval(["--train-iters", "10", "--log-interval", "50"]) == 50
     assert interval(["--train-iters", "14400"]) == 720
     assert "--save-interval" not in checkpoint_flags(Run("est", 0, []), "ck")  # the preset's length: end only
+
+
+@pytest.mark.parametrize("flag", [["--est-target-saving", "0.25"], ["--est-target-saving=0.25"]])
+def test_full_model_runs_drop_est_only_flags(flag):
+    """A study with --est-target-saving in its training flags: its EST run fits the schedule, and its baseline and
+    control are full-model runs that the trainer accepts (it refuses --est-target-saving with --est-schedule none:
+    the redundancy study's control failed that way on 2026-12-01)."""
+    argv = TRAIN + flag
+    assert "0.25" in " ".join(est_run(argv, 0).argv)
+    for run in (baseline_run(argv, 0), control_run(argv, 0, 8)):
+        assert not any(a.startswith("--est-target-saving") for a in run.argv) and "0.25" not in run.argv
+        validate(parse_args(run.argv, "test", "gpt2-tiny"), 1)
+    with pytest.raises(ConfigError, match="--est-target-saving needs an --est-schedule with a sub-full stage"):
+        validate(parse_args([*argv, "--est-schedule", "none"], "test", "gpt2-tiny"), 1)  # the old control's flags

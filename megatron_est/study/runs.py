@@ -39,8 +39,25 @@ class Run:
         return f"{self.method}-s{self.seed}"
 
 
+EST_ONLY_FLAGS = ("--est-target-saving",)  # flags (with a value) that a full-model run refuses
+
+
+def full_model(train_argv: list[str]) -> list[str]:
+    """The study's training flags for a full-model run: without the EST-only flags (--est-target-saving fits an
+    EST schedule, and the trainer refuses it with --est-schedule none), then --est-schedule none."""
+    out, skip = [], False
+    for a in train_argv:
+        if skip:
+            skip = False
+        elif a in EST_ONLY_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in EST_ONLY_FLAGS)):
+            out.append(a)
+    return [*out, "--est-schedule", "none"]
+
+
 def baseline_run(train_argv: list[str], seed: int) -> Run:
-    return Run("baseline", seed, [*train_argv, "--est-schedule", "none", "--seed", str(seed)])
+    return Run("baseline", seed, [*full_model(train_argv), "--seed", str(seed)])
 
 
 def est_run(train_argv: list[str], seed: int, variant: str = "", flags: tuple[str, ...] = ()) -> Run:
@@ -48,7 +65,7 @@ def est_run(train_argv: list[str], seed: int, variant: str = "", flags: tuple[st
 
 
 def control_run(train_argv: list[str], seed: int, iters: int) -> Run:
-    return Run(f"control-i{iters}", seed, [*train_argv, "--est-schedule", "none", "--train-iters", str(iters),
+    return Run(f"control-i{iters}", seed, [*full_model(train_argv), "--train-iters", str(iters),
                                             "--lr-decay-iters", str(iters), "--seed", str(seed)])
 
 
