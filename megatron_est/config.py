@@ -175,11 +175,11 @@ class ESTConfig:
                                    default_text="the pipeline stages themselves")
     seed: Optional[int] = opt(None, "seed of the subnetwork sampler", EST, default_text="--seed")
     # One default in every engine and layout (switching it is this one line); the study
-    # (docs/reproduction.md) measured freeze 0.07 nats better than adamw at 36 tokens per parameter (3 seeds),
-    # 0.018 worse at 108 (1 seed).
-    unsampled_update: str = opt("freeze", "parameters outside the subnetwork: freeze (untouched, AdamW moments "
-                                "too) or adamw (zero gradient, AdamW moves them); the same in every engine and "
-                                "layout", EST)
+    # (docs/reproduction.md) measured adamw better than freeze at 108 tokens per parameter on all of 3 seeds and at
+    # 216 (1 seed), freeze better at 36 (3 seeds): pretraining is long, so adamw.
+    unsampled_update: str = opt("adamw", "parameters outside the subnetwork: adamw (zero gradient, AdamW moves "
+                                "them by momentum and weight decay) or freeze (untouched, AdamW moments too); the "
+                                "same in every engine and layout", EST)
     keep_end_layers: bool = opt(False, "in layer-sampling stages always keep the first and the last layer; each "
                                 "layer stratum still keeps round(p_L x its size) layers, the rest drawn among its "
                                 "other layers", EST)

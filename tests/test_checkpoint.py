@@ -32,7 +32,7 @@ def _sigterm_at(step_to_signal: int, rank_to_signal: int, rank: int):
 
 
 def _resume_worker(rank, world, tp, pp, ckdir):
-    cfg = make_cfg(tp=tp, pp=pp, unsampled="freeze")  # the default mode
+    cfg = make_cfg(tp=tp, pp=pp, unsampled="freeze")  # the mode with the most state to get right
     st = parallel_state(rank, world, cfg)
     full = run_plain(cfg, st)  # uninterrupted reference
     # Interrupted: saves every 2 iterations (keeping 2), SIGTERM on one rank during iteration 5.
@@ -54,7 +54,7 @@ def resumed(tmp_path_factory):
 
 
 def test_tp2_pp2_dp2_freeze_equals_one_process(resumed):
-    """Default flags (freeze) and fixed strata: TP2 x PP2 x DP2 trains the one-process loss curve."""
+    """Default flags (adamw) and fixed strata: TP2 x PP2 x DP2 trains the one-process loss curve."""
     from megatron_est.parallel.state import ParallelState
 
     one = run_plain(make_cfg(unsampled="freeze"), ParallelState())["losses"]

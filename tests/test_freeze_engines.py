@@ -1,4 +1,4 @@
-"""One EST algorithm under every engine: --est-unsampled-update freeze (the default) and adamw give the loss curve
+"""One EST algorithm under every engine: --est-unsampled-update freeze and adamw (the default) give the loss curve
 of one plain-torch process under DeepSpeed ZeRO 0/1/2/3 at DP 2 (ZeRO-3 with optimizer offload too) and ZeRO-1 at
 PP 2 x DP 2, over an EST schedule that crosses all three stages (fixed strata: every layout draws the same
 subnetworks). The plain engine's layouts (TP, PP, DP) are compared in tests/test_pipeline.py.

@@ -5,7 +5,7 @@ One spawn per world size runs every layout of that size, both families and all r
   run "strat":   stratified sampling; the schedule crosses EST stages 1, 2 and 3.
   run "unstrat": unstratified sampling with p_L = 0.25 (one layer of four kept), so every stage but one has all
                  its layers skipped in the first steps, then p_L = 0.5, then the full model.
-  run "freeze":  "unstrat" with --est-unsampled-update freeze (the default; the others use adamw): a stage that
+  run "freeze":  "unstrat" with --est-unsampled-update freeze (the others use adamw, the default): a stage that
                  skipped every layer has no gradient at all (it used to raise in clipping and hang its peers).
 Forward hooks on the layers record which layers each stage really ran in each step.
 """

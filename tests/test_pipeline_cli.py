@@ -51,7 +51,7 @@ ARGS = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"
         "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1",
         "--eval-interval", "6", "--eval-iters", "1", "--lr-warmup-iters", "2", "--adam-eps", "1e-4",
         "--est-schedule", "0:0.5,0.5,0.5;2:0.5,0.5,1;4:1,1,1", "--est-tp-strata", "1", "--est-pp-strata", "2",
-        "--num-threads", "1"]  # the default --est-unsampled-update (freeze) is the same at PP=1 and PP=2
+        "--num-threads", "1"]  # the default --est-unsampled-update (adamw) is the same at PP=1 and PP=2
 
 
 def _losses(path) -> list[float]:

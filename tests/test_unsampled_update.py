@@ -84,11 +84,11 @@ def test_adamw_mode_moves_unsampled_parameters(family):
         assert not torch.equal(_rows(p, dim, drop.nonzero().squeeze(1)), _rows(before[p][0], dim, drop.nonzero().squeeze(1)))
 
 
-def test_freeze_is_the_default_everywhere_and_auto_is_gone():
+def test_adamw_is_the_default_everywhere_and_auto_is_gone():
     from megatron_est.config import ConfigError, EngineConfig, ParallelConfig
     from megatron_est.validation import validate
 
-    assert ESTConfig().unsampled_update == "freeze"
+    assert ESTConfig().unsampled_update == "adamw"
     for cfg, world in ((Config(model=tiny("gpt2", num_layers=4)), 1),
                        (Config(model=tiny("gpt2", num_layers=4),
                                parallel=ParallelConfig(pipeline_model_parallel_size=2)), 2),

@@ -16,7 +16,7 @@ def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
     _check_strata(cfg, tp)
     if est.unsampled_update not in UNSAMPLED_UPDATES:
         raise ConfigError(f"--est-unsampled-update: unknown value {est.unsampled_update!r} (freeze or adamw; "
-                          "freeze, the default, is the same algorithm in every engine and layout)")
+                          "either is the same algorithm in every engine and layout)")
     schedule = parse_schedule(est.schedule, cfg.train.train_iters)
     if est.target_saving is not None:  # the FLOPs fit itself waits for the tokenizer's vocabulary (build_sampler)
         check_target(est.target_saving, schedule)

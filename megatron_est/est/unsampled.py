@@ -1,8 +1,8 @@
 """What the optimizer does to parameters outside the step's subnetwork (--est-unsampled-update), as one policy
 object chosen per run, the same algorithm in every engine (plain torch, DeepSpeed ZeRO 0-3) and layout.
 
-"adamw": they get a zero gradient, so AdamW still moves them by momentum and weight decay.
-"freeze" (the default): they and their AdamW moments are left exactly as they were. Defined as: every element
+"adamw" (the default): they get a zero gradient, so AdamW still moves them by momentum and weight decay.
+"freeze": they and their AdamW moments are left exactly as they were. Defined as: every element
 takes an ordinary AdamW step on a gradient that is zero outside the subnetwork, and the elements the step's plan
 did not train (the model says which: LanguageModel.trained_slices and skipped_parameters) get their value and
 moments written back right after the optimizer's update, in the optimizer's own copy (a ZeRO flat fp32
