@@ -2,7 +2,7 @@
 balanced by cost (--pipeline-partition balanced: the first/last stage counts that even out the FLOPs).
 
 A pure function of the configuration: every rank computes the same partition without communication, and the
-EST sampler uses it as its layer strata so that each stage keeps the same share of its own layers.
+EST sampler uses it as its default layer strata so that each stage keeps the same share of its own layers.
 """
 from __future__ import annotations
 
@@ -50,18 +50,14 @@ def balanced_first_last(num_layers: int, pp: int, head_cost: float) -> tuple[int
     """First and last stage layer counts (the middle stages split the rest evenly, as with the two flags) that
     minimise the largest stage's cost, a layer costing 1 and the LM head on the last stage `head_cost` (the
     embedding lookup costs no FLOPs). Ties go to the split closest to even. Every stage keeps >= 1 layer."""
-    best = None
+    middle, even, best = pp - 2, num_layers / pp, None
     for last in range(1, num_layers - pp + 2):
-        for first in ([num_layers - last] if pp == 2 else range(1, num_layers - last - (pp - 2) + 1)):
-            rest = num_layers - first - last
-            if pp > 2 and (rest < pp - 2 or rest % (pp - 2)):
+        for first in range(1, num_layers - last - middle + 1):
+            rest = num_layers - first - last  # >= middle by the range
+            if rest % max(1, middle) or (middle == 0 and rest):
                 continue
-            if pp == 2 and first < 1:
-                continue
-            sizes = [first] + [rest // (pp - 2)] * (pp - 2) + [last] if pp > 2 else [first, last]
-            costs = sizes[:-1] + [last + head_cost]
-            even = num_layers / pp
-            key = (round(max(costs), 9), sum((n - even) ** 2 for n in sizes))
+            sizes = [first, *[rest // max(1, middle)] * middle, last]
+            key = (round(max(sizes[:-1] + [last + head_cost]), 9), sum((n - even) ** 2 for n in sizes))
             if best is None or key < best[0]:
                 best = (key, (first, last))
     if best is None:

@@ -18,7 +18,8 @@ from megatron_est.est.schedule import Stage
 from megatron_est.est.stage_flops import (StageShape, closed_form_flops, pipeline_stage_flops, stage_shape,
                                           step_flops_closed)
 from megatron_est.parallel.layout import Layout
-from megatron_est.parallel.partition import balanced_first_last, head_cost_in_layers, stage_ranges
+from megatron_est.parallel.partition import (balanced_first_last, head_cost_in_layers, stage_layer_ranges,
+                                             stage_ranges)
 from megatron_est.planning.memory import GiB, MemoryEstimate, engine_plan, estimate
 from megatron_est.planning.params import all_rank_params, model_parameters, rank_params
 
@@ -134,11 +135,10 @@ def _partition_lines(cfg: Config) -> list[str]:
            f"full-model stage FLOPs max/mean {_imbalance(sizes, head):.2f}"]
     explicit = cfg.parallel.decoder_first_pipeline_num_layers, cfg.parallel.decoder_last_pipeline_num_layers
     if cfg.parallel.pipeline_partition == "even" and explicit == (None, None) and _imbalance(sizes, head) > 1.1:
-        first, last = balanced_first_last(cfg.model.num_layers, pp, head)
-        middle = [(cfg.model.num_layers - first - last) // (pp - 2)] * (pp - 2) if pp > 2 else []
-        out.append(f"hint: --pipeline-partition balanced would split the layers "
-                   f"{' + '.join(map(str, [first, *middle, last]))} (max/mean "
-                   f"{_imbalance([first, *middle, last], head):.2f})")
+        n = cfg.model.num_layers
+        better = [b - a for a, b in stage_layer_ranges(n, pp, *balanced_first_last(n, pp, head))]
+        out.append(f"hint: --pipeline-partition balanced would split the layers {' + '.join(map(str, better))} "
+                   f"(max/mean {_imbalance(better, head):.2f})")
     return out
 
 
