@@ -1,5 +1,7 @@
 """Pipeline-parallel EST stage-1 steps: per-stage busy time and bubble, stratified against unstratified layer
 sampling, next to full-model steps, all in one run (interleaved, so machine noise hits every variant alike).
+"Stratified" uses strata lined up with the layout (est/balance.balancing_strata: --est-tp-strata TP and layer
+ranges that every stage boundary divides); "unstratified" draws uniformly, as the default strata (1) do.
 
     python bench/bench_pipeline.py                         # layouts TP1xPP2 and TP2xPP2 (gloo, CPU)
     python bench/bench_pipeline.py --layouts 1x2 --reps 8 --vocab-size 1024
@@ -21,6 +23,7 @@ a freshly sampled subnetwork. Columns:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -37,6 +40,7 @@ from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig, 
 from megatron_est.parallel.layout import Layout  # noqa: E402
 from megatron_est.parallel.partition import stage_ranges  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
+from megatron_est.est.balance import balancing_strata  # noqa: E402
 from megatron_est.est.flops import stage_step_flops  # noqa: E402
 from megatron_est.model.build import build_model  # noqa: E402
 from megatron_est.parallel.state import ParallelState, build_groups  # noqa: E402
@@ -57,7 +61,12 @@ def _config(args: argparse.Namespace, tp: int, pp: int, schedule: str, stratifie
     gbs = args.micro_batch_size * args.micro_batches
     tr = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=gbs, train_iters=10**6,
                      lr_warmup_iters=0)
-    return Config(model=model, parallel=par, est=ESTConfig(schedule=schedule, stratified=stratified), train=tr)
+    cfg = Config(model=model, parallel=par, est=ESTConfig(schedule=schedule, stratified=stratified), train=tr)
+    if stratified:  # strata lined up with this layout (est/balance.py), where any of 2+ units do
+        tp_strata, pp_strata = balancing_strata(cfg)
+        cfg = dataclasses.replace(cfg, est=dataclasses.replace(cfg.est, tp_strata=tp_strata or 1,
+                                                               pp_strata=pp_strata or 1))
+    return cfg
 
 
 def _model(args: argparse.Namespace):

@@ -164,15 +164,18 @@ class ESTConfig:
                         "rates linearly between them every iteration, the last point's rates after it (e.g. "
                         "'smooth:0:0.5,0.5,0.5;600:1,1,1')", EST)
     layer_rescale: bool = opt(False, "scale active residual branches by N_L/k_L in layer-sampling stages", EST)
-    stratified: bool = opt(True, "stratified sampling: every TP shard and pipeline stage keeps the same number of "
-                           "its heads, neurons and layers (balanced work)", EST)
-    tp_strata: Optional[int] = opt(None, "sampling strata for heads and neurons; give fixed values to draw the same "
-                                   "subnetworks whatever the layout", EST, check=at_least(1),
-                                   default_text="--tensor-model-parallel-size")
-    pp_strata: Optional[int] = opt(None, "sampling strata for layers: equal ranges (a divisor of --num-layers), "
-                                   "wherever the stage boundaries fall; give a fixed value to draw the same "
-                                   "layers whatever the layout", EST, check=at_least(1),
-                                   default_text="the pipeline stages themselves")
+    stratified: bool = opt(True, "stratified sampling: keep the same number of units in every stratum "
+                           "(--est-tp-strata, --est-pp-strata; with grouped queries, every KV group keeps the same "
+                           "number of its query heads); off: one range per dimension whatever the strata", EST)
+    # The strata are sampling parameters, never the layout: the same flags draw the same subnetworks at every
+    # TP, PP and stage split (one algorithm). Strata that line up with the TP shards / pipeline stages also
+    # balance their work; the dry run says when they do not and which values would (est/balance.py).
+    tp_strata: int = opt(1, "sampling strata for heads and neurons (a divisor of both); a multiple of "
+                         "--tensor-model-parallel-size gives every TP shard the same kept count", EST,
+                         check=at_least(1))
+    pp_strata: int = opt(1, "sampling strata for layers: equal ranges (a divisor of --num-layers); ranges that "
+                         "line up with the pipeline stages give every stage the same share of its layers", EST,
+                         check=at_least(1))
     seed: Optional[int] = opt(None, "seed of the subnetwork sampler", EST, default_text="--seed")
     # One default in every engine and layout (switching it is this one line); the study
     # (docs/reproduction.md) measured adamw better than freeze at 108 tokens per parameter on all of 3 seeds and at

@@ -15,6 +15,7 @@ from typing import Optional
 
 from megatron_est.config import (EVAL_INTERVAL_CAP, EVALS_PER_RUN, WARMUP_CAP, WARMUP_FRACTION, Config,
                                  check_fields)
+from megatron_est.est.balance import balance_note
 from megatron_est.est.checks import check_est
 from megatron_est.est.schedule import Schedule
 from megatron_est.model.checks import check_model
@@ -42,7 +43,7 @@ def validate(cfg: Config, world_size: int) -> Resolved:
     check_fields(cfg)
     check_model(cfg.model)
     layout = check_parallel(cfg, world_size)
-    schedule = check_est(cfg, layout.tp, layout.pp)
+    schedule = check_est(cfg)
     gbs = check_batches(cfg, layout)
     check_schedule_flags(cfg)
     check_checkpoint_flags(cfg)
@@ -50,7 +51,7 @@ def validate(cfg: Config, world_size: int) -> Resolved:
     return Resolved(config=_with_engine(cfg, engine.precision, engine.zero_stage), layout=layout,
                     global_batch_size=gbs, micro_batches=layout.micro_batches(cfg.train, gbs),
                     precision=engine.precision, zero_stage=engine.zero_stage, schedule=schedule,
-                    notes=_notes(cfg, layout, gbs))
+                    notes=_notes(cfg, layout, gbs, schedule))
 
 
 def _with_engine(cfg: Config, precision: str, zero_stage: Optional[int]) -> Config:
@@ -61,7 +62,7 @@ def _with_engine(cfg: Config, precision: str, zero_stage: Optional[int]) -> Conf
     return dataclasses.replace(cfg, engine=engine)
 
 
-def _notes(cfg: Config, layout: Layout, gbs: int) -> tuple[str, ...]:
+def _notes(cfg: Config, layout: Layout, gbs: int, schedule: Schedule) -> tuple[str, ...]:
     tr, out = cfg.train, []
     scaled = tr.scaled_defaults()
     if "lr_warmup_iters" in scaled:
@@ -77,4 +78,7 @@ def _notes(cfg: Config, layout: Layout, gbs: int) -> tuple[str, ...]:
         out.append(f"warning: --global-batch-size not given: {gbs} = --micro-batch-size {tr.micro_batch_size} x "
                    f"data-parallel size {layout.dp}; it changes with the number of ranks (give it to train the "
                    "same way on any layout)")
+    balance = balance_note(cfg, schedule)
+    if balance is not None:
+        out.append(balance)
     return tuple(out)

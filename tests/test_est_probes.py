@@ -92,9 +92,9 @@ def test_refuses_a_stratum_that_cannot_keep_both_end_layers():
     cfg = _cfg("0:0.5,0.5,0.25;10:1,1,1", num_layers=4)
     with pytest.raises(ConfigError, match=r"^--est-keep-end-layers: layers 0-3 keep 1 of 4 at p_L 0.25, fewer "
                                           r"than the 2 end layers \[0, 3\]"):
-        check_est(cfg, 1, 1)
-    check_est(dataclasses.replace(cfg, est=dataclasses.replace(cfg.est, pp_strata=2)), 1, 1)  # 1 of 2 each: fine
-    check_est(_cfg("0:0.5,0.5,0.5;10:1,1,1", num_layers=4), 1, 1)  # 2 of 4: exactly the two ends
+        check_est(cfg)
+    check_est(dataclasses.replace(cfg, est=dataclasses.replace(cfg.est, pp_strata=2)))  # 1 of 2 each: fine
+    check_est(_cfg("0:0.5,0.5,0.5;10:1,1,1", num_layers=4))  # 2 of 4: exactly the two ends
 
 
 @pytest.mark.parametrize("stratified,pp", [(True, 1), (True, 2), (False, 1)])
@@ -172,7 +172,7 @@ def test_both_engines_set_the_one_step_lr():
 
 def test_rewarm_refused_with_a_smooth_schedule():
     with pytest.raises(ConfigError, match="^--est-lr-rewarm-iters needs a staged --est-schedule"):
-        check_est(_cfg("smooth:0:0.5,0.5,0.5;10:1,1,1", keep_ends=False, lr_rewarm_iters=5), 1, 1)
+        check_est(_cfg("smooth:0:0.5,0.5,0.5;10:1,1,1", keep_ends=False, lr_rewarm_iters=5))
 
 
 # ------------------------------------------------------------------------------------------ smooth schedules

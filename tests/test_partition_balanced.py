@@ -72,4 +72,4 @@ def test_dry_run_shows_the_split_and_hints_at_balanced(capsys):
     assert dry_run_main(base + ["--pipeline-partition", "balanced"]) == 0
     out = capsys.readouterr().out
     assert "layers 0-7 | 8-11 (--pipeline-partition balanced)" in out and "max/mean 1.03" in out
-    assert "hint:" not in out
+    assert "hint: --pipeline-partition" not in out

@@ -7,6 +7,9 @@ One spawn per world size runs every layout of that size, both families and all r
                  its layers skipped in the first steps, then p_L = 0.5, then the full model.
   run "freeze":  "unstrat" with --est-unsampled-update freeze (the others use adamw, the default): a stage that
                  skipped every layer has no gradient at all (it used to raise in clipping and hang its peers).
+  run "default": "strat"'s schedule with the default strata: the same flags must draw the same subnetworks in
+                 every layout (until 2026-12-01 the default strata were the TP size and the pipeline stages, so
+                 TP 2, PP 2 and the 1 + 3 split each trained a different run).
 Forward hooks on the layers record which layers each stage really ran in each step.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from megatron_est.config import Config, ESTConfig, ParallelConfig, TrainConfig
 from megatron_est.parallel.partition import stage_ranges
 from megatron_est.validation import validate
+from megatron_est.est.balance import balancing_strata
 from megatron_est.est.build import build_sampler
 from megatron_est.est.flops import stage_step_flops, step_flops
 from megatron_est.est.sampler import Subnetwork
@@ -40,14 +44,17 @@ RUNS = {
     "unstrat": dict(schedule="0:0.5,0.5,0.25;2:0.5,0.5,0.5;4:1,1,1", stratified=False),
 }
 RUNS["freeze"] = dict(RUNS["unstrat"], unsampled_update="freeze")
+RUNS["default"] = dict(schedule=RUNS["strat"]["schedule"])
 ITERS, GBS, MBS = 5, 4, 1
 # (tp, pp, first-stage layers, last-stage layers, runs) per world size. The stratified run fixes its strata
 # (--est-pp-strata 2), so they cross the stage boundaries of the uneven 1 + 3 split and of PP=4 and still
 # draw what one process draws (until 2026-12-01 both were refused or drew per-stage strata).
 LAYOUTS = {
-    2: [(2, 1, None, None, ("strat", "unstrat")), (1, 2, None, None, ("strat", "unstrat", "freeze")),
-        (1, 1, None, None, ("strat", "unstrat")), (1, 2, 1, 3, ("strat", "unstrat"))],
-    4: [(2, 2, None, None, ("strat", "unstrat", "freeze")), (1, 4, None, None, ("strat", "unstrat", "freeze"))],
+    2: [(2, 1, None, None, ("strat", "unstrat", "default")), (1, 2, None, None, ("strat", "unstrat", "freeze",
+                                                                               "default")),
+        (1, 1, None, None, ("strat", "unstrat")), (1, 2, 1, 3, ("strat", "unstrat", "default"))],
+    4: [(2, 2, None, None, ("strat", "unstrat", "freeze", "default")),
+        (1, 4, None, None, ("strat", "unstrat", "freeze"))],
     8: [(2, 2, None, None, ("strat", "unstrat"))],
 }
 
@@ -198,19 +205,21 @@ def test_layouts_differ_when_they_should(world_results, reference):
 
 @pytest.mark.parametrize("pp,first,last", [(2, None, None), (4, None, None), (3, 2, 2)])
 def test_stratified_kept_layers_per_stage(pp, first, last):
-    """Stratified: every stage keeps round(p_L x its layer count) at every step (equal counts for even stages);
-    unstratified sampling does not, which this check would notice."""
+    """Strata that line up with the stages (est/balance.balancing_strata: 2, 4 and 4 strata of 8 layers here)
+    keep round(p_L x its layer count) on every stage at every step; one stratum (the default) does not, which
+    this check would notice."""
     counts = {}
-    for stratified in (True, False):
+    for strata in ("aligned", 1):
         cfg = _cfg("gpt2", "strat", pp=pp, first=first, last=last)
-        cfg.model.num_layers, cfg.est.pp_strata, cfg.est.stratified = 8, None, stratified
-        cfg.est.schedule = "0:1,1,0.5"
+        cfg.model.num_layers, cfg.est.schedule = 8, "0:1,1,0.5"
+        cfg.est.pp_strata = balancing_strata(cfg)[1] if strata == "aligned" else 1
         stages, sampler = stage_ranges(cfg), build_sampler(cfg)
-        counts[stratified] = [[sum(lo <= i < hi for i in sampler(it).layers) for lo, hi in stages]
-                              for it in range(100)]
+        counts[strata] = [[sum(lo <= i < hi for i in sampler(it).layers) for lo, hi in stages]
+                          for it in range(100)]
+    assert balancing_strata(cfg)[1] == {2: 2, 4: 4, 3: 4}[pp]
     expect = [max(1, int(0.5 * (hi - lo) + 0.5)) for lo, hi in stages]
-    assert all(c == expect for c in counts[True])
-    assert any(c != expect for c in counts[False])
+    assert all(c == expect for c in counts["aligned"])
+    assert any(c != expect for c in counts[1])
     if first is None:
         assert len(set(expect)) == 1
 

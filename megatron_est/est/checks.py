@@ -1,4 +1,4 @@
-"""EST's own refusals: sampling strata that the layout cannot balance, the unsampled-update policy, and the
+"""EST's own refusals: sampling strata that do not divide what they split, the unsampled-update policy, and the
 schedule against --train-iters. Returns the parsed schedule."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from megatron_est.est.schedule import Schedule, is_smooth, parse_schedule
 UNSAMPLED_UPDATES = ("freeze", "adamw")
 
 
-def check_est(cfg: Config, tp: int, pp: int) -> Schedule:
+def check_est(cfg: Config) -> Schedule:
     est = cfg.est
-    _check_strata(cfg, tp)
+    _check_strata(cfg)
     if est.unsampled_update not in UNSAMPLED_UPDATES:
         raise ConfigError(f"--est-unsampled-update: unknown value {est.unsampled_update!r} (freeze or adamw; "
                           "either is the same algorithm in every engine and layout)")
@@ -39,15 +39,13 @@ def _check_end_layers(cfg: Config, schedule: Schedule) -> None:
                               "--est-pp-strata)")
 
 
-def _check_strata(cfg: Config, tp: int) -> None:
+def _check_strata(cfg: Config) -> None:
+    """Strata need only divide what they split: they are not tied to the layout (est/build.py)."""
     m, est = cfg.model, cfg.est
-    hs = est.tp_strata or tp
-    if hs % tp:
-        raise ConfigError(f"--est-tp-strata {hs} must be a multiple of --tensor-model-parallel-size {tp}")
+    hs = est.tp_strata
     if m.ffn_hidden_size % hs:
         raise ConfigError(f"--est-tp-strata {hs} does not divide --ffn-hidden-size {m.ffn_hidden_size}")
     if m.queries_per_group == 1 and m.num_attention_heads % hs:
         raise ConfigError(f"--est-tp-strata {hs} does not divide --num-attention-heads {m.num_attention_heads}")
-    ls = est.pp_strata
-    if ls is not None and m.num_layers % ls:  # equal strata, wherever the stage boundaries fall (est/build.py)
-        raise ConfigError(f"--est-pp-strata {ls} must divide --num-layers {m.num_layers}")
+    if m.num_layers % est.pp_strata:
+        raise ConfigError(f"--est-pp-strata {est.pp_strata} must divide --num-layers {m.num_layers}")

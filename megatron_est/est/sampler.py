@@ -39,10 +39,11 @@ class Subnetwork:
 
 @dataclass(frozen=True)
 class Strata:
-    """Partition of each sampled dimension into strata that keep equal counts (balanced parallel work)."""
+    """Partition of each sampled dimension into strata that keep equal counts (sampling parameters, not the
+    layout: strata that line up with the TP shards and pipeline stages balance their work, est/balance.py)."""
     heads: int  # strata over the query heads of a layer (ignored with GQA: strata are the KV groups)
     neurons: int  # strata over the MLP neurons of a layer
-    layers: tuple[tuple[int, int], ...]  # [start, end) layer ranges, e.g. the pipeline stages
+    layers: tuple[tuple[int, int], ...]  # [start, end) layer ranges (--est-pp-strata equal ones)
 
 
 def even_ranges(n: int, parts: int) -> tuple[tuple[int, int], ...]:

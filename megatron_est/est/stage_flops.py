@@ -12,8 +12,8 @@ Two counts are not fixed by the keep counts, and the closed form gives their exp
   - the KV heads used under --no-est-stratified with grouped queries: k of H query heads drawn uniformly touch
     G * (1 - C(H - r, k) / C(H, k)) of the G groups of r heads on average (a group is unused only when all k
     draws miss its r heads); the per-step count varies between ceil(k / r) and min(G, k);
-  - the layers each pipeline stage keeps when a sampling range crosses a stage boundary (--no-est-stratified:
-    the whole model is one range; --est-pp-strata N: equal strata wherever the stages end): k of a range's L
+  - the layers each pipeline stage keeps when a sampling range crosses a stage boundary (--est-pp-strata N:
+    N equal strata wherever the stages end, the whole model by default): k of a range's L
     layers drawn uniformly put k * n / L of them in the n it shares with a stage on average (the whole model's
     count is still exact); with --est-keep-end-layers the f end layers of those n are always kept and the other
     k - F (F forced in the range) fall uniformly among its L - F others: f + (k - F) * (n - f) / (L - F).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
+from megatron_est.est.balance import aligned, balancing_hint, slowdown, worst_shape
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.est.savings import saving
@@ -42,11 +43,12 @@ def checked_layout(cfg: Config) -> Layout:
 
 
 def rank_memory(cfg: Config, world: int, iteration: int = 0, stage: Stage | None = None) -> list[MemoryEstimate]:
-    """Memory estimate of TP rank 0 on every pipeline stage, for the EST stage of `iteration` (or `stage`)."""
+    """Memory estimate of the busiest TP rank on every pipeline stage, for the EST stage of `iteration` (or
+    `stage`), with the most a step keeps there (est/balance.worst_shape)."""
     tr = cfg.train
     lay = Layout.of(world, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     sampler = build_sampler(cfg)
-    shape = stage_shape(cfg, sampler, stage or sampler.schedule.stage_at(iteration))
+    shape = worst_shape(cfg, sampler, stage or sampler.schedule.stage_at(iteration))
     e = engine_plan(cfg)
     return [estimate(cfg.model, rank_params(cfg, 0, p), shape, lay.tp, lay.pp, lay.dp, tr.micro_batch_size,
                      lay.micro_batches(tr), e) for p in range(lay.pp)]
@@ -78,7 +80,9 @@ def _stage_lines(cfg: Config, lay: Layout, shapes: list[tuple[int, Stage, StageS
         per_pp = " / ".join(f"{f:.3e}" for f in pipeline_stage_flops(cfg, shape, tokens))
         mem = rank_memory(cfg, lay.world_size, stage=st)
         mems = " / ".join(_gib(m.peak) + (f" (+{_gib(m.host)} host)" if m.host else "") for m in mem)
-        mark = "" if shape.exact else " (expected)"
+        # The whole model keeps a fixed number of layers; only its KV heads (unstratified GQA) can vary.
+        mark = "" if shape.exact_kv else " (expected)"
+        per_pp += "" if shape.exact else " (expected)"
         out.append(f"| {idx} | {st.p_heads:g},{st.p_mlp:g},{st.p_layers:g} | {flops:.4e}{mark} | "
                    f"{flops / full:.4f} | {per_pp} | {mems} | {max(mem, key=lambda m: m.peak).peak_phase} |")
     return out
@@ -109,11 +113,25 @@ def report(cfg: Config) -> list[str]:
     out.append(f"EST schedule {describe_schedule(cfg.est, sampler.schedule)!r} over {tr.train_iters} iterations: "
                + ", ".join(f"stage {s.stage} {s.iterations} it." for s in stages))
     out += _stage_lines(cfg, lay, shapes, tokens)
+    out += _balance_lines(cfg, sampler, shapes)
     out.append(f"training FLOPs: {sum(s.flops for s in stages):.4e} vs full model "
                f"{sum(s.full_flops for s in stages):.4e}: {100 * saving(stages):.2f}% saved")
-    out.append("memory: per rank of the busiest TP position (every TP rank holds the same shapes); "
-               "formulas in megatron_est/planning/memory.py")
+    out.append("memory: per GPU of the busiest TP position, with the most a step keeps there "
+               "(est/balance.py); formulas in megatron_est/planning/memory.py")
     return out
+
+
+def _balance_lines(cfg: Config, sampler, shapes: list[tuple[int, Stage, StageShape]]) -> list[str]:
+    """When the strata cross TP shards or pipeline stages: what that costs each sampled EST stage, and the strata
+    that would line up with this layout (est/balance.py)."""
+    if aligned(cfg) or all(st.is_full for _, st, _ in shapes):
+        return []
+    est = cfg.est
+    costs = ", ".join(f"stage {idx} x{slowdown(cfg, sampler, st):.3f}" for idx, st, _ in shapes if not st.is_full)
+    return [f"balance: the strata (--est-tp-strata {est.tp_strata}, --est-pp-strata {est.pp_strata}) cross this "
+            "layout's TP shards or pipeline stages, so kept counts vary by shard and stage from step to step; the "
+            f"busiest sets the pace: expected step-time factor {costs} (memory above is for the most a step keeps)",
+            f"hint: {balancing_hint(cfg)}"]
 
 
 def _imbalance(sizes: list[int], head: float) -> float:

@@ -5,7 +5,8 @@ plans, so the ranking is what matters).
 Per optimizer step, for each EST stage (its kept heads/neurons/layers: est/stage_flops.py):
   compute   max over pipeline stages of F_s / (TP x DP) / (peak x MFU); F_s = the stage's training FLOPs
             (est/flops.py's count), x 4/3 on layers under full recompute (one more forward), + 1/3 of the
-            attention-score FLOPs under selective recompute
+            attention-score FLOPs under selective recompute; x est/balance.slowdown when the sampling strata
+            cross TP shards or pipeline stages (the busiest shard and stage set the pace)
   bubble    compute x (m + PP - 1) / m with m micro-batches per rank (1F1B)
   launches  a fixed Cluster.launch_overhead_s per kept layer and micro-batch (forward + backward kernel
             launches and syncs): the MFU is taken as independent of the micro-batch size, so without this
@@ -69,8 +70,9 @@ def _ring(n: int) -> float:
 
 
 def step_time(cfg: Config, shape: StageShape, cl: Cluster, tp: int, pp: int, dp: int, micro_batch: int,
-              n_micro: int, e: EnginePlan, rank_params: int) -> StepTime:
-    """Seconds per optimizer step of one EST stage (rank_params: the parameters of the largest rank)."""
+              n_micro: int, e: EnginePlan, rank_params: int, slowdown: float = 1.0) -> StepTime:
+    """Seconds per optimizer step of one EST stage (rank_params: the parameters of the largest rank; slowdown:
+    est/balance.slowdown, how much strata that cross this layout's shards and stages stretch the compute)."""
     m = cfg.model
     tokens = micro_batch * n_micro * dp * m.seq_length
     per_stage = pipeline_stage_flops(cfg, shape, tokens)
@@ -79,7 +81,7 @@ def step_time(cfg: Config, shape: StageShape, cl: Cluster, tp: int, pp: int, dp:
         extra = per_layer if e.recompute == "full" else 4 * shape.n_q * m.seq_length * m.head_dim
         per_stage = [f + extra * tokens * n for f, n in zip(per_stage, shape.layers)]
     rate = cl.peak_tflops * 1e12 * cl.mfu
-    compute = max(per_stage) / (tp * dp) / rate
+    compute = slowdown * max(per_stage) / (tp * dp) / rate
     bubble = compute * (pp - 1) / n_micro if pp > 1 else 0.0
     launches = cl.launch_overhead_s * max(shape.layers) * n_micro
     act = micro_batch * m.seq_length * m.hidden_size * e.act_bytes

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
+from megatron_est.est.balance import slowdown, worst_shape
 from megatron_est.est.build import build_sampler
 from megatron_est.est.stage_flops import closed_form_flops, stage_shape
 from megatron_est.parallel.layout import Layout
@@ -83,10 +84,13 @@ def candidate_config(base: Config, c: Candidate, world: int) -> Config:
         base.train, micro_batch_size=c.micro_batch))
 
 
-def evaluate(base: Config, c: Candidate, cl: Cluster, margin: float) -> Optional[Evaluated]:
+def evaluate(base: Config, c: Candidate, cl: Cluster, margin: float,
+             slowdowns: Optional[dict] = None) -> Optional[Evaluated]:
     """None when training would refuse the plan; else its memory and time (fits: at least `margin` of the GPU
-    memory left free for the CUDA context, NCCL and fragmentation)."""
+    memory left free for the CUDA context, NCCL and fragmentation). slowdowns caches est/balance.slowdown per
+    (TP, PP, EST stage): it draws subnetworks, and every micro-batch, ZeRO and recompute choice shares it."""
     cfg = candidate_config(base, c, cl.world)
+    slowdowns = {} if slowdowns is None else slowdowns
     try:
         validate(cfg, cl.world)
     except ConfigError:
@@ -100,11 +104,15 @@ def evaluate(base: Config, c: Candidate, cl: Cluster, margin: float) -> Optional
     peak = host = 0.0
     train_time, full = 0.0, None
     for st in closed_form_flops(cfg, sampler, cfg.train.train_iters, 1):
-        shape = stage_shape(cfg, sampler, sampler.schedule.stages[st.stage - 1])
+        rates = sampler.schedule.stages[st.stage - 1]
+        shape, most = stage_shape(cfg, sampler, rates), worst_shape(cfg, sampler, rates)
         for r in ranks:
-            mem = estimate(cfg.model, r, shape, c.tp, c.pp, dp, c.micro_batch, n_micro, e)
+            mem = estimate(cfg.model, r, most, c.tp, c.pp, dp, c.micro_batch, n_micro, e)
             peak, host = max(peak, mem.peak), max(host, mem.host)
-        t = step_time(cfg, shape, cl, c.tp, c.pp, dp, c.micro_batch, n_micro, e, biggest)
+        key = (c.tp, c.pp, st.stage)
+        if key not in slowdowns:
+            slowdowns[key] = slowdown(cfg, sampler, rates)
+        t = step_time(cfg, shape, cl, c.tp, c.pp, dp, c.micro_batch, n_micro, e, biggest, slowdowns[key])
         train_time += t.total * st.iterations
         full = t
     gpu = cl.gpu_memory_gib * GiB
@@ -115,9 +123,9 @@ def search(base: Config, cl: Cluster, margin: float,
            progress: Optional[Callable[[int, int], None]] = None) -> tuple[list[Evaluated], list[Evaluated], int]:
     """(fitting plans fastest first, plans that do not fit, number refused by validation)."""
     cands = list(candidates(base, cl))
-    fit, too_big, refused = [], [], 0
+    fit, too_big, refused, slowdowns = [], [], 0, {}
     for i, c in enumerate(cands):
-        ev = evaluate(base, c, cl, margin)
+        ev = evaluate(base, c, cl, margin, slowdowns)
         if ev is None:
             refused += 1
         else:
