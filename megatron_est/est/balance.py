@@ -6,8 +6,8 @@ stages on either side kept counts that vary from step to step; the pipeline wait
 each layer the TP all-reduces after attention and after the MLP wait for the busiest shard. So:
 
   - `worst_shape`: the most a step keeps in practice on each pipeline stage (layers) and on one TP shard
-    (heads, KV heads, neurons), in closed form: what memory must be planned for. Equal to the stage's own counts when every
-    stratum lies inside one shard and one stage (`aligned`).
+    (heads, KV heads, neurons), in closed form: what memory must be planned for. Equal to the stage's own
+    counts when every stratum lies inside one shard and one stage (`aligned`).
   - `slowdown`: the busiest stage's FLOPs per TP rank (each layer at its busiest shard, attention and MLP
     apart), averaged over steps the sampler really draws, divided by the same with every count at its
     expectation shared evenly: the factor by which imbalance stretches a step. 1.0 exactly when aligned.
@@ -25,9 +25,9 @@ from megatron_est.config import Config
 from megatron_est.flops_rule import head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.build import strata
-from megatron_est.est.sampler import SubnetworkSampler, keep_count
+from megatron_est.est.sampler import SubnetworkSampler
 from megatron_est.est.schedule import Schedule, Stage
-from megatron_est.est.stage_flops import StageShape, pipeline_stage_flops, stage_shape
+from megatron_est.est.stage_flops import StageShape, pipeline_stage_flops, range_overlaps, stage_shape
 
 DRAWS = 64  # sampled steps behind `slowdown`; its standard error is well under 1% at the shapes we ship
 
@@ -39,15 +39,9 @@ def _most_in(ranges: list[tuple[int, int]], p: float, lo: int, hi: int, forced: 
     approximation), and never more than one draw can keep (which the bound reaches for a few layers or heads,
     not for thousands of neurons)."""
     most = mean = var = 0.0
-    for s, e in ranges:
-        a, b = max(lo, s), min(hi, e)
-        if a >= b:
-            continue
-        mine = [i for i in forced if s <= i < e]
-        here = sum(a <= i < b for i in mine)
-        n, total, k = b - a - here, e - s - len(mine), keep_count(p, e - s) - len(mine)
+    for here, n, total, k in range_overlaps(ranges, p, lo, hi, forced):
         most += here + min(n, k)
-        mean += here + n * k / total
+        mean += here + n * k / max(1, total)
         var += n * (k / total) * (1 - k / total) * (total - n) / (total - 1) if total > 1 else 0.0
     return int(min(most, math.ceil(mean + 6 * math.sqrt(var) - 1e-9)))
 
@@ -94,8 +88,8 @@ def balancing_hint(cfg: Config) -> str:
 
 
 def worst_shape(cfg: Config, sampler: SubnetworkSampler, stage: Stage) -> StageShape:
-    """The stage's shape with the most a step keeps (`_most_in`): layers per pipeline stage, and TP x the busiest shard's
-    heads, KV heads and neurons (memory divides these by TP)."""
+    """The stage's shape with the most a step keeps (`_most_in`): layers per pipeline stage, and TP x the busiest
+    shard's heads, KV heads and neurons (memory divides these by TP)."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     shape = stage_shape(cfg, sampler, stage)
     heads, groups, neurons = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp

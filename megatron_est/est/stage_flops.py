@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 from megatron_est.config import Config
 from megatron_est.parallel.partition import stage_ranges
@@ -65,6 +66,20 @@ def _kv_heads(cfg: Config, sampler: SubnetworkSampler, n_q: int, p_heads: float)
     return expected, math.ceil(k / r) == min(groups, k)
 
 
+def range_overlaps(ranges: list[tuple[int, int]], p: float, lo: int, hi: int,
+                   forced: tuple[int, ...] = ()) -> Iterator[tuple[int, int, int, int]]:
+    """For each sampling range that overlaps [lo, hi): (forced units inside the window, its other units inside
+    the window, the range's other units, how many of those a step keeps). A step keeps every forced unit and
+    draws the rest uniformly, so the window's count from the range is the first plus a hypergeometric draw."""
+    for s, e in ranges:
+        a, b = max(lo, s), min(hi, e)
+        if a >= b:
+            continue
+        mine = [i for i in forced if s <= i < e]
+        here = sum(a <= i < b for i in mine)
+        yield here, b - a - here, e - s - len(mine), keep_count(p, e - s) - len(mine)
+
+
 def _stage_layers(cfg: Config, sampler: SubnetworkSampler, p_layers: float) -> tuple[tuple[float, ...], bool]:
     """Kept layers per pipeline stage: each sampling range (a stratum, or the whole model unstratified) keeps
     keep_count(p, size) layers, its forced end layers (--est-keep-end-layers) and the rest uniformly among its
@@ -76,15 +91,7 @@ def _stage_layers(cfg: Config, sampler: SubnetworkSampler, p_layers: float) -> t
     ranges, forced = sampler.layer_ranges(), sampler.forced_layers()
 
     def expected(a: int, b: int) -> float:
-        total = 0.0
-        for s, e in ranges:
-            lo, hi = max(a, s), min(b, e)
-            if lo >= hi:
-                continue
-            mine = [i for i in forced if s <= i < e]
-            here = sum(lo <= i < hi for i in mine)
-            total += here + (keep_count(p_layers, e - s) - len(mine)) * (hi - lo - here) / max(1, e - s - len(mine))
-        return total
+        return sum(here + k * n / max(1, total) for here, n, total, k in range_overlaps(ranges, p_layers, a, b, forced))
 
     exact = all(keep_count(p_layers, e - s) == e - s or any(a <= s and e <= b for a, b in stages)
                 for s, e in ranges)
