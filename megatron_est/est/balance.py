@@ -25,7 +25,7 @@ from megatron_est.config import Config
 from megatron_est.flops_rule import head_forward_flops_per_token, layer_forward_flops_per_token
 from megatron_est.parallel.partition import stage_ranges
 from megatron_est.est.build import strata
-from megatron_est.est.sampler import SubnetworkSampler
+from megatron_est.est.sampler import Subnetwork, SubnetworkSampler
 from megatron_est.est.schedule import Schedule, Stage
 from megatron_est.est.stage_flops import StageShape, pipeline_stage_flops, range_overlaps, stage_shape
 
@@ -119,7 +119,7 @@ def _shard_counts(kept: Optional[torch.Tensor], n: int, tp: int, per_group: int 
     return torch.bincount(torch.unique(kept // per_group) // (n // tp // per_group), minlength=tp).tolist()
 
 
-def _busiest_stage_flops(cfg: Config, sub, stages: list[tuple[int, int]], tp: int) -> float:
+def _busiest_stage_flops(cfg: Config, sub: Subnetwork, stages: list[tuple[int, int]], tp: int) -> float:
     """Forward FLOPs per token of the busiest pipeline stage for one drawn step, each layer's attention and MLP
     at its busiest TP shard, the vocabulary-parallel LM head shared evenly."""
     m = cfg.model
@@ -160,7 +160,8 @@ def balancing_strata(cfg: Config) -> tuple[Optional[int], Optional[int]]:
     pipeline stages (the TP size; the layers over the largest range size dividing every stage boundary), or None
     where lining up would leave strata of one unit, which sampling cannot thin."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    smallest = min(m.ffn_hidden_size, m.num_attention_heads if m.queries_per_group == 1 else m.ffn_hidden_size)
+    # --est-tp-strata splits the neurons, and the heads too unless grouped queries stratify by KV group
+    smallest = m.ffn_hidden_size if m.queries_per_group > 1 else min(m.ffn_hidden_size, m.num_attention_heads)
     size = m.num_layers
     for a, _ in stage_ranges(cfg):
         size = math.gcd(size, a)

@@ -14,6 +14,7 @@ from megatron_est.validation import validate
 from megatron_est.est.balance import aligned, balancing_hint, slowdown, worst_shape
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
+from megatron_est.est.sampler import SubnetworkSampler
 from megatron_est.est.savings import saving
 from megatron_est.est.schedule import Stage
 from megatron_est.est.stage_flops import (StageShape, closed_form_flops, pipeline_stage_flops, stage_shape,
@@ -121,7 +122,7 @@ def report(cfg: Config) -> list[str]:
     return out
 
 
-def _balance_lines(cfg: Config, sampler, shapes: list[tuple[int, Stage, StageShape]]) -> list[str]:
+def _balance_lines(cfg: Config, sampler: SubnetworkSampler, shapes: list[tuple[int, Stage, StageShape]]) -> list[str]:
     """When the strata cross TP shards or pipeline stages: what that costs each sampled EST stage, and the strata
     that would line up with this layout (est/balance.py)."""
     if aligned(cfg) or all(st.is_full for _, st, _ in shapes):
