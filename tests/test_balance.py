@@ -85,7 +85,12 @@ def test_balancing_strata(pp, first, last, expect):
 
 def test_training_logs_the_hint_once_and_not_when_lined_up():
     notes = validate(_cfg(tp=2, pp=2), 4).notes
-    hint = [n for n in notes if "cross the boundaries of TP 2 x PP 2" in n]
-    assert len(hint) == 1 and "--est-tp-strata 2 --est-pp-strata 2 would line the strata up" in hint[0]
+    hint = [n for n in notes if n.startswith("note: EST sampling: --est-tp-strata 1 crosses the 2 TP shards'")]
+    assert len(hint) == 1 and "--est-pp-strata 1 crosses the 2 pipeline stages'" in hint[0]
+    assert "--est-tp-strata 2 --est-pp-strata 2 would line the strata up" in hint[0]
+    only_tp = [n for n in validate(_cfg(tp=2), 2).notes if "EST sampling" in n]
+    assert len(only_tp) == 1 and "pipeline" not in only_tp[0] and "--est-tp-strata 2 would line" in only_tp[0]
+    uneven = [n for n in validate(_cfg(pp=2, first=3, last=5), 2).notes if "EST sampling" in n][0]
+    assert uneven.endswith("no strata of 2 or more units line up with its pipeline stages")
     assert not any("EST strata" in n for n in validate(_cfg(tp=2, pp=2, tp_strata=2, pp_strata=2), 4).notes)
     assert not any("EST strata" in n for n in validate(_cfg(tp=2, pp=2, schedule="none"), 4).notes)

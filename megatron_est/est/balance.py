@@ -50,17 +50,32 @@ def _shards(n: int, tp: int) -> list[tuple[int, int]]:
     return [(t * n // tp, (t + 1) * n // tp) for t in range(tp)]
 
 
-def aligned(cfg: Config) -> bool:
-    """Every stratum lies inside one TP shard (heads, neurons) and one pipeline stage (layers)."""
+def crossed(cfg: Config) -> tuple[bool, bool]:
+    """(some head or neuron stratum crosses a TP shard boundary, some layer stratum crosses a stage boundary)."""
     tp, m = cfg.parallel.tensor_model_parallel_size, cfg.model
     ranges = SubnetworkSampler(m, Schedule((Stage(0, 1.0, 1.0, 1.0),)), 0, strata(cfg), cfg.est.stratified)
 
     def inside(units: list[tuple[int, int]], parts: list[tuple[int, int]]) -> bool:
         return all(any(a <= s and e <= b for a, b in parts) for s, e in units)
 
-    return (inside(ranges.head_ranges(), _shards(m.num_attention_heads, tp))
-            and inside(ranges.neuron_ranges(), _shards(m.ffn_hidden_size, tp))
-            and inside(ranges.layer_ranges(), stage_ranges(cfg)))
+    shards = (inside(ranges.head_ranges(), _shards(m.num_attention_heads, tp))
+              and inside(ranges.neuron_ranges(), _shards(m.ffn_hidden_size, tp)))
+    return not shards, not inside(ranges.layer_ranges(), stage_ranges(cfg))
+
+
+def aligned(cfg: Config) -> bool:
+    """Every stratum lies inside one TP shard (heads, neurons) and one pipeline stage (layers)."""
+    return not any(crossed(cfg))
+
+
+def what_crosses(cfg: Config) -> str:
+    """Which strata cross which boundaries, and what varies because of it."""
+    par, est = cfg.parallel, cfg.est
+    tp, pp = crossed(cfg)
+    return " and ".join(([f"--est-tp-strata {est.tp_strata} crosses the {par.tensor_model_parallel_size} TP shards' "
+                          "boundaries (kept heads and neurons per shard vary from step to step)"] if tp else [])
+                        + ([f"--est-pp-strata {est.pp_strata} crosses the {par.pipeline_model_parallel_size} "
+                            "pipeline stages' boundaries (kept layers per stage vary)"] if pp else []))
 
 
 def balance_note(cfg: Config, schedule: Schedule) -> Optional[str]:
@@ -68,18 +83,17 @@ def balance_note(cfg: Config, schedule: Schedule) -> Optional[str]:
     nothing is sampled)."""
     if all(st.is_full for st in schedule.stages) or aligned(cfg):
         return None
-    par, est = cfg.parallel, cfg.est
-    return (f"note: EST strata (--est-tp-strata {est.tp_strata}, --est-pp-strata {est.pp_strata}) cross the "
-            f"boundaries of TP {par.tensor_model_parallel_size} x PP {par.pipeline_model_parallel_size}, so the "
-            "kept heads, neurons and layers per shard and stage vary from step to step and the busiest sets the "
-            f"pace (--dry-run prints the cost); {balancing_hint(cfg)}")
+    return (f"note: EST sampling: {what_crosses(cfg)}; the busiest sets the pace (--dry-run prints "
+            f"the cost); {balancing_hint(cfg)}")
 
 
 def balancing_hint(cfg: Config) -> str:
     """The strata flags that would line this layout up, and what choosing them means."""
     tp, pp = balancing_strata(cfg)
-    flags = " ".join(f"--est-{d}-strata {n}" for d, n in (("tp", tp), ("pp", pp)) if n is not None)
-    missing = [what for what, n in (("TP shards", tp), ("pipeline stages", pp)) if n is None]
+    cross_tp, cross_pp = crossed(cfg)
+    wanted = [("tp", tp, cross_tp, "TP shards"), ("pp", pp, cross_pp, "pipeline stages")]
+    flags = " ".join(f"--est-{d}-strata {n}" for d, n, cross, _ in wanted if cross and n is not None)
+    missing = [what for _, n, cross, what in wanted if cross and n is None]
     out = (f"{flags} would line the strata up with this layout (balanced work, but other subnetworks: give the "
            "same values in every layout the run moves to)") if flags else ""
     if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.validation import validate
-from megatron_est.est.balance import aligned, balancing_hint, slowdown, worst_shape
+from megatron_est.est.balance import aligned, balancing_hint, slowdown, what_crosses, worst_shape
 from megatron_est.est.build import build_sampler
 from megatron_est.est.fit import describe_schedule
 from megatron_est.est.sampler import SubnetworkSampler
@@ -127,12 +127,9 @@ def _balance_lines(cfg: Config, sampler: SubnetworkSampler, shapes: list[tuple[i
     that would line up with this layout (est/balance.py)."""
     if aligned(cfg) or all(st.is_full for _, st, _ in shapes):
         return []
-    est = cfg.est
     costs = ", ".join(f"stage {idx} x{slowdown(cfg, sampler, st):.3f}" for idx, st, _ in shapes if not st.is_full)
-    return [f"balance: the strata (--est-tp-strata {est.tp_strata}, --est-pp-strata {est.pp_strata}) cross this "
-            "layout's TP shards or pipeline stages, so kept counts vary by shard and stage from step to step; the "
-            f"busiest sets the pace: expected step-time factor {costs} (memory above is for the most a step keeps)",
-            f"hint: {balancing_hint(cfg)}"]
+    return [f"balance: {what_crosses(cfg)}; the busiest sets the pace: expected step-time factor {costs} (memory "
+            "above is for the most a step keeps)", f"hint: {balancing_hint(cfg)}"]
 
 
 def _imbalance(sizes: list[int], head: float) -> float:
