@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO as the engine: same EST loss curve as the plain engine (ZeRO-1/2/3, fp32) at DP=2 and at
-TP=2 x DP=2, the ZeRO-3 stale-gradient fix, exact resume from DeepSpeed checkpoints, export of a ZeRO-3
-checkpoint, bf16 and optimizer offload; bad input refused up front with one line."""
+TP=2 x DP=2 (ZeRO-1 also at PP 2, and at PP 4 with stages that run no layer), the ZeRO-3 stale-gradient fix,
+exact resume from DeepSpeed checkpoints, export of a ZeRO-3 checkpoint, bf16 and optimizer offload; bad input
+refused up front with one line."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import torch
 
 from megatron_est.config import ConfigError
 from megatron_est.validation import validate
+from megatron_est.est.build import build_sampler
 from megatron_est.training import deepspeed_config
 from tests.engine_harness import make_cfg, parallel_state, run_deepspeed, run_plain, with_checkpoint
 from tests.helpers import run_distributed
@@ -264,3 +267,23 @@ def _check_export(ckdir, out, val_loss):
 def test_zero1_with_pipeline_matches_plain_tp2_pp2_dp2():
     for r in run_distributed(_pp_worker, 8, 2, None):
         _assert_same_curve(r["zero1"], r["plain"], "tp2 pp2 zero1")
+
+
+def _pp4_worker(rank, world):
+    # The default strata (one over the model) at PP 4, one layer per stage: step 0 keeps layers 0 and 3, so the
+    # two middle stages run no layer and get no gradient at all (until 2026-12-01 ZeRO-1's engine.step() then
+    # raised IndexError in reduce_ipg_grads; the plain engine had handled it).
+    cfg = make_cfg(pp=4, iters=4)
+    cfg = dataclasses.replace(cfg, est=dataclasses.replace(cfg.est, tp_strata=1, pp_strata=1))
+    z1 = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, deepspeed=True, zero_stage=1))
+    st = parallel_state(rank, world, cfg)
+    return {"plain": run_plain(cfg, st), "zero1": run_deepspeed(z1, st), "kept": build_sampler(cfg)(0).layers}
+
+
+def test_zero1_pipeline_stage_without_any_gradient_matches_plain():
+    for r in run_distributed(_pp4_worker, 4):
+        assert r["kept"] == (0, 3)  # stages 1 and 2 ran nothing in step 0 (and step 2)
+        for it in range(1, 5):
+            ref = r["plain"]["losses"][it]
+            assert abs(r["zero1"]["losses"][it] - ref) <= 2e-6 + 1e-6 * abs(ref), it
+        assert abs(r["zero1"]["val_loss"] - r["plain"]["val_loss"]) < 1e-5

@@ -96,6 +96,18 @@ class _LossScale:
         return self.engine.module.register_forward_hook(on_forward)
 
 
+def _feed_gradient_free_stage(engine, params: list[torch.nn.Parameter], skipped: list[torch.nn.Parameter]) -> None:
+    """A middle stage whose layers the step all skipped (sampling strata that cross stage boundaries, the
+    default) produced no gradient at all, and ZeRO-1's engine.step() then fails: its gradient bucket was never
+    filled (IndexError in reduce_ipg_grads). Backpropagate a zero through every parameter instead, so the stage
+    reduces zeros like the plain engine's (adamw: momentum and weight decay still move them; freeze restores
+    them)."""
+    if not params or not {id(p) for p in params} <= {id(p) for p in skipped}:
+        return
+    engine._manual_backward_expected = True  # a zero needs no loss scale (fp16 certifies scaled backwards)
+    torch.autograd.backward(torch.stack([p.sum() for p in params]).sum() * 0.0)
+
+
 def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None) -> torch.Tensor:
     """1F1B over the stage engines, tied-embedding sync, stale-gradient fix, one engine.step()."""
     engine = run.engine
@@ -108,7 +120,9 @@ def pipelined_step(run, batches, step: int, plan, st: ParallelState, timer=None)
             hook.remove()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     sync_tied_embedding_grads(params, st.embd_group)
-    zero_stale_gradients(run, engine.module.skipped_parameters(plan))
+    skipped = engine.module.skipped_parameters(plan)
+    _feed_gradient_free_stage(engine, params, skipped)
+    zero_stale_gradients(run, skipped)
     with frozen_during_step(run, engine.module, plan):
         engine.step()
     dist.all_reduce(loss_sum, group=st.pp_group)  # only the last stage computed a loss
