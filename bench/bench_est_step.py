@@ -7,22 +7,23 @@ the new step path and the old one.
     OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 2 --paths new --processes 3
 
 A step is what the plain engine does (training/engine.py): zero_grad, forward + backward on a new subnetwork
-(over --micro-batches accumulated micro-batches, 1 by default),
-the unsampled policy's gradient completion, clipping, the policy's optimizer step (--unsampled-update, freeze by
-default). Paths: "new" = sliced gradients added straight into .grad (parallel/sliced_grad.py), torch's fused
-AdamW, freeze stepping sliced weights on their kept slices (est/unsampled.py Narrowed); "old" = autograd's
-full-size sliced gradients, the multi-tensor (foreach) AdamW, freeze stepping whole tensors and writing the
-frozen elements back. Each round times one step of every (path, stage), interleaved; the table reports median
-time ratios to the same path's full-model step next to the FLOPs ratio (our counting rule, docs/est.md), and
-"saving" = (1 - step ratio) / (1 - FLOPs ratio): the share of the FLOPs saving that became time. Two clocks: wall
-time, and this process's CPU time (time.process_time: with one thread it hardly moves when other jobs share the
-cores, where wall time does; it does not see memory-bandwidth contention).
+(over --micro-batches accumulated micro-batches, 1 by default), the unsampled policy's gradient completion,
+clipping, the policy's optimizer step (--unsampled-update, the training default unless given).
+Paths: "new" = sliced gradients added straight into .grad (parallel/sliced_grad.py), torch's fused AdamW, freeze
+stepping sliced weights on their kept slices (est/unsampled.py Narrowed); "old" = autograd's full-size sliced
+gradients, the multi-tensor (foreach) AdamW, freeze stepping whole tensors and writing the frozen elements back.
+Each round times one step of every (path, stage), interleaved; the table reports median time ratios to the same
+path's full-model step next to the FLOPs ratio (our counting rule, docs/est.md), and "saving" = (1 - step ratio) /
+(1 - FLOPs ratio): the share of the FLOPs saving that became time. Two clocks: wall time, and this process's CPU
+time (time.process_time: with one thread it hardly moves when other jobs share the cores, where wall time does;
+it does not see memory-bandwidth contention), and each step's minor page faults beside them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,17 +33,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import median, model_bench_setup  # noqa: E402
-from megatron_est.config import TrainConfig  # noqa: E402
+from megatron_est.config import ESTConfig, TrainConfig  # noqa: E402
 from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges  # noqa: E402
 from megatron_est.est.schedule import Schedule, Stage  # noqa: E402
 from megatron_est.est.unsampled import AdamWUpdate, FreezeUpdate  # noqa: E402
+from megatron_est.host_memory import keep_freed_memory  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
 from megatron_est.parallel.grads import grad_norm_and_clip  # noqa: E402
 from megatron_est.parallel.sliced_grad import set_direct_grads  # noqa: E402
 from megatron_est.training.optimizer import build_optimizer, param_groups  # noqa: E402
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time,
+          "faults": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt}  # minor page faults, a count
+TIMERS = ("wall", "cpu")
 STAGES = {"full": (1.0, 1.0, 1.0), "stage1 (0.5,0.5,0.5)": (0.5, 0.5, 0.5), "stage2 (0.5,0.5,1)": (0.5, 0.5, 1.0)}
 
 
@@ -62,13 +66,16 @@ def _paths(model: LanguageModel, tr: TrainConfig, mode: str, names: list[str]) -
 def _own_flags() -> argparse.Namespace:
     """This benchmark's flags; the shared ones (bench/common.py) are parsed from what is left."""
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--unsampled-update", default="freeze", choices=("freeze", "adamw"))
+    ap.add_argument("--unsampled-update", default=ESTConfig().unsampled_update, choices=("freeze", "adamw"),
+                    help="the policy timed (default: the training default)")
     ap.add_argument("--paths", default="new,old", help="comma-separated: new, old")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="micro-batches accumulated per optimizer step (one subnetwork for all of them)")
     ap.add_argument("--processes", type=int, default=1,
                     help="run the whole benchmark in this many fresh processes, one after another, and report "
                          "the median over them with the range (a process's memory placement moves its ratios)")
+    ap.add_argument("--no-keep-host-memory", dest="keep_host_memory", action="store_false",
+                    help="glibc's malloc defaults, as --no-keep-host-memory in training")
     ap.add_argument("--json-out", help="also write the rows as JSON here (used by --processes)")
     own, rest = ap.parse_known_args()
     own.rest = rest
@@ -83,7 +90,8 @@ def _over_processes(own: argparse.Namespace) -> None:
         for i in range(own.processes):
             out = os.path.join(tmp, f"{i}.json")
             cmd = [sys.executable, os.path.abspath(__file__), *own.rest, "--unsampled-update", own.unsampled_update,
-                   "--paths", own.paths, "--micro-batches", str(own.micro_batches), "--json-out", out]
+                   "--paths", own.paths, "--micro-batches", str(own.micro_batches), "--json-out", out,
+                   *([] if own.keep_host_memory else ["--no-keep-host-memory"])]
             print(f"# process {i + 1}/{own.processes}", flush=True)
             subprocess.run(cmd, check=True)
             with open(out) as f:
@@ -106,6 +114,7 @@ def main() -> None:
     own = _own_flags()
     if own.processes > 1:
         return _over_processes(own)
+    host = keep_freed_memory(own.keep_host_memory, "cpu")  # what a CPU training run does (host_memory.py)
     args, cfg, tokens = model_bench_setup(__doc__)
     args.unsampled_update, args.paths, n_micro = own.unsampled_update, own.paths, own.micro_batches
     # one distinct micro-batch per accumulation step; the first is model_bench_setup's
@@ -151,11 +160,12 @@ def main() -> None:
           f"reps {args.reps}, "
           f"--unsampled-update {args.unsampled_update}; load average (1, 5, 15 min) at start "
           f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}")
+    print(f"# host memory: {host}")
     print("| clock | path | variant | FLOPs ratio | step time ratio | diff | saving | fwd+bwd time ratio | diff | "
-          "median step s | median optimizer s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "median step s | median optimizer s | page faults per step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for clock in CLOCKS:
+    for clock in TIMERS:
         for path in paths:
             base = {k: median(v) for k, v in times[(clock, path, "full")].items()}
             for stage in STAGES:
@@ -164,8 +174,9 @@ def main() -> None:
                 r_step, r_fb = median(t["step"]) / base["step"], median(t["fwd+bwd"]) / base["fwd+bwd"]
                 saving = f"{(1 - r_step) / (1 - fr):.3f}" if fr < 1 else "-"
                 opt_s = median([a - b for a, b in zip(t["step"], t["fwd+bwd"])])
+                faults = median(times[("faults", path, stage)]["step"])
                 print(f"| {clock} | {path} | {stage} | {fr:.3f} | {r_step:.3f} | {r_step - fr:+.3f} | {saving} | "
-                      f"{r_fb:.3f} | {r_fb - fr:+.3f} | {median(t['step']):.3f} | {opt_s:.3f} |")
+                      f"{r_fb:.3f} | {r_fb - fr:+.3f} | {median(t['step']):.3f} | {opt_s:.3f} | {faults:.0f} |")
                 rows.append({"clock": clock, "path": path, "variant": stage, "flops": fr, "step": r_step,
                              "fwd+bwd": r_fb})
     if own.json_out:

@@ -336,6 +336,9 @@ class EngineConfig:
                          PREC)
     tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls on GPUs of compute capability >= 8 (--no-tf32 for "
                      "full fp32, e.g. to compare with a CPU run)", PREC)
+    keep_host_memory: bool = opt(True, "CPU ranks: keep freed memory for reuse instead of glibc handing it back "
+                                 "and page-faulting it in every step (megatron_est/host_memory.py; "
+                                 "--no-keep-host-memory for glibc's defaults)", TRAIN)
 
     def __post_init__(self) -> None:
         if self.recompute_activations and self.recompute_granularity is None:

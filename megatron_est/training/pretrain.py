@@ -16,6 +16,7 @@ from megatron_est.validation import validate
 from megatron_est.data.errors import DataError
 from megatron_est.est.fit import describe_schedule
 from megatron_est.evaluation.in_training import downstream_evaluator
+from megatron_est.host_memory import keep_freed_memory
 from megatron_est.parallel import state as pstate
 from megatron_est.training.build import build_run
 from megatron_est.training.checkpoint_layout import precheck_load, resolve_load
@@ -108,6 +109,7 @@ def run(cfg: Config, st: pstate.ParallelState) -> TrainState:
     log.sinks = build_sinks(cfg, st.rank, st.world_size)  # --tensorboard-dir, --wandb-project
     for note in resolved.notes:  # defaults the run chose (warmup, evaluation cadence, derived batch)
         log.print(note)
+    log.print(f"> host memory: {keep_freed_memory(cfg.engine.keep_host_memory, st.device.type)}")
     run = build_run(cfg, st, train_ds, valid_ds, log=log, resume=resume, extra_valid_ds=extra_ds)
     run.downstream = downstream_evaluator(cfg, st, tok, run.engine.precision)  # --eval-tasks
     _header(cfg, st, run)
