@@ -1,12 +1,13 @@
 """Cross-entropy over logits whose vocabulary is split across tensor-parallel ranks.
 
 Never gathers the full [tokens, vocab] logits: only per-token max, target logit and sum of exps are reduced.
+Both functions keep one [tokens, vocab] fp32 tensor for the backward (the softmax, or its log) and turn it into
+the gradient in place, as Megatron's does: the backward runs once per forward (no retain_graph double backward).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -36,13 +37,32 @@ class _VocabParallelCE(torch.autograd.Function):
         grad = softmax
         inside = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local_t.unsqueeze(-1), -inside.unsqueeze(-1))
-        return grad * grad_loss.unsqueeze(-1), None, None, None
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """One rank's whole vocabulary. The loss is F.cross_entropy's, bit for bit (torch's log_softmax, then the
+    target's entry); the backward is exp(log_softmax) - one_hot, scaled, written over the saved log-softmax.
+    torch's own backward builds a zero [tokens, vocab] tensor for nll_loss and then a new one for log_softmax's
+    gradient (bench/bench_cross_entropy.py times both)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor):
+        log_sm = torch.log_softmax(logits.float(), dim=-1)
+        ctx.save_for_backward(log_sm, target)
+        return log_sm.gather(-1, target.unsqueeze(-1)).squeeze(-1).neg_()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        log_sm, target = ctx.saved_tensors
+        grad = log_sm.exp_()
+        grad.scatter_add_(-1, target.unsqueeze(-1), torch.full_like(target, -1, dtype=grad.dtype).unsqueeze(-1))
+        return grad.mul_(grad_loss.unsqueeze(-1)), None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group, tp: int,
                                  vocab_start: int) -> torch.Tensor:
     """Per-token loss [..] from local logits [.., V/tp] and global target ids [..]."""
     if tp == 1:
-        flat = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none")
-        return flat.view(target.shape)
+        return _CrossEntropy.apply(logits.flatten(0, -2), target.flatten()).view(target.shape)
     return _VocabParallelCE.apply(logits, target, group, vocab_start)
