@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from bench.common import free_port, median  # noqa: E402
 from megatron_est.config import TrainConfig, model_preset  # noqa: E402
+from megatron_est.host_memory import keep_freed_memory  # noqa: E402
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges  # noqa: E402
 from megatron_est.est.schedule import Schedule, Stage  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
@@ -73,6 +74,7 @@ def _variant(kind: str, stage: str, cfg, st: ParallelState, tokens: list[torch.T
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
+    keep_freed_memory(True, "cpu")  # as a CPU training rank does (megatron_est/host_memory.py), for every variant
     dist.init_process_group("gloo", rank=rank, world_size=world)
     st = build_groups(ParallelState(world, rank, 1, 1, world))
     cfg = model_preset("gpt2-124m", num_layers=args.num_layers, hidden_size=args.hidden_size,

@@ -25,6 +25,7 @@ from bench.common import interleaved_times, median  # noqa: E402
 from megatron_est.arguments import parse_args  # noqa: E402
 from megatron_est.est.build import build_sampler  # noqa: E402
 from megatron_est.est.savings import schedule_flops  # noqa: E402
+from megatron_est.host_memory import keep_freed_memory  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
 from megatron_est.parallel.state import SINGLE  # noqa: E402
 from megatron_est.training.batches import MicroBatches, RandomTokens  # noqa: E402
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(ours)
     cfg = parse_args(train_argv, "bench", "gpt2-tiny")
     torch.set_num_threads(cfg.train.num_threads or torch.get_num_threads())
+    host = keep_freed_memory(cfg.engine.keep_host_memory, "cpu")  # as a CPU training run does
     m, tr = cfg.model, cfg.train
     tokens_per_step = tr.micro_batch_size * m.seq_length
     sampler = build_sampler(cfg)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants.update({f"stage{st.stage}": (lambda s=st.stage: step(s)) for st in stages
                      if st.flops != st.full_flops})
     times = {k: median(v) for k, v in interleaved_times(variants, args.reps).items()}
-    print(f"# unsampled parameters: {cfg.est.unsampled_update}")
+    print(f"# unsampled parameters: {cfg.est.unsampled_update}; host memory: {host}")
     return report(stages, times, tr.train_iters, cfg.est.schedule, m, tokens_per_step)
 
 
