@@ -35,7 +35,9 @@ weight slices (kept matmul weights, w bytes; 2 under autocast) for backward; the
 2-byte copy of every matmul weight the same way.
 
 Peak = the largest of three phases:
-  forward/backward  weights + optimizer + activations + the loss backward's two [t, V/TP] fp32 buffers
+  forward/backward  weights + optimizer + activations + one [t, V/TP] fp32 buffer beside the saved
+                    log-probabilities (the logits, or their fp32 copy under autocast, while the loss reads them;
+                    the loss's backward then writes its gradient over the saved buffer, parallel/cross_entropy.py)
                     + gradients (all of them with gradient accumulation, else the LM head's)
                     (+ DeepSpeed's gradient buckets)
   gradient reduce   weights + optimizer + gradients + (plain engine, DP > 1) two flattened buckets, or with
@@ -178,11 +180,11 @@ def in_flight_microbatches(pp_rank: int, pp: int, n_micro: int) -> int:
 
 def _forward_temporaries(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, tokens: int,
                          n_micro: int, e: EnginePlan) -> float:
-    """Bytes beside the saved activations at the forward/backward peak: the loss backward's buffers, the LM
-    head's gradient (single micro-batch), weight copies (autocast; EST slices)."""
+    """Bytes beside the saved activations at the forward/backward peak: the logits beside the loss's saved
+    log-probabilities, the LM head's gradient (single micro-batch), weight copies (autocast; EST slices)."""
     temp = 0.0
-    if p.pp_rank == pp - 1:  # loss backward: gradient of the log-probabilities and of the logits, fp32
-        temp += 2 * 4 * tokens * m.padded_vocab_size / tp
+    if p.pp_rank == pp - 1:  # the fp32 logits beside the log-probabilities the loss saves
+        temp += 4 * tokens * m.padded_vocab_size / tp
         head = p.lm_head or p.embedding  # tied without PP: the embedding is the head
         temp += (4 if not e.deepspeed else e.weight_bytes) * head if n_micro == 1 else 0
     layers = shape.layers[p.pp_rank]
