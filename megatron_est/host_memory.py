@@ -7,9 +7,9 @@ on the CPU each step page-faults them in again (the kernel zero-fills every 4 Ki
 faults, and a fifth to a third of a gpt2-tiny step's time (bench/bench_est_step.py, docs/benchmarks.md). How
 many depends on the process's allocation history, which made the same benchmark read differently in every fresh
 process. Raising both thresholds (mallopt, the same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the
-environment) keeps freed blocks in the heap: after the first few steps a step faults nothing. The process's resident size then stays at
-its peak instead of falling between steps. CUDA tensors do not use malloc (torch's caching allocator keeps them),
-so GPU ranks are left alone.
+environment) keeps freed blocks in the heap: after the first few steps a step faults nothing. The process's
+resident size then stays at its peak instead of falling between steps. CUDA tensors do not use malloc (torch's
+caching allocator keeps them), so GPU ranks are left alone.
 """
 from __future__ import annotations
 
