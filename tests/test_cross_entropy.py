@@ -40,3 +40,23 @@ def test_gradient_is_softmax_minus_one_hot():
     e = torch.tensor([1.0, 2.0, 0.5]).exp()
     expected = e / e.sum() - torch.tensor([0.0, 1.0, 0.0])
     torch.testing.assert_close(logits.grad[0], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_vocabulary_takes_no_mass(dtype):
+    """Ids from vocab_size on are padding: the loss is F.cross_entropy over the real columns alone, bit for bit,
+    and the padding columns get a zero gradient, whatever their logits held."""
+    g = torch.Generator().manual_seed(1)
+    real, padded = 301, 320
+    logits = (3 * torch.randn(2, 7, padded, generator=g)).to(dtype)
+    target = torch.randint(0, real, (2, 7), generator=g)
+    ours = logits.clone().requires_grad_()
+    ref = logits[..., :real].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(ours.clone(), target, None, 1, 0, real)
+    ref_loss = F.cross_entropy(ref.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+    assert torch.equal(loss, ref_loss)
+    loss.sum().backward()
+    ref_loss.sum().backward()
+    assert torch.equal(ours.grad[..., real:], torch.zeros_like(ours.grad[..., real:]))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.grad[..., :real], ref.grad, rtol=tol, atol=tol)

@@ -19,7 +19,7 @@ from megatron_est.training import checkpoint_layout as layout
 def _model(model_cfg: ModelConfig, full: dict) -> LanguageModel:
     model = LanguageModel(model_cfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in full.items()}, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("vocab_pad_bias")]:
+    if unexpected or missing:
         raise ConfigError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}")
     return model.eval()

@@ -52,7 +52,6 @@ class LanguageModel(nn.Module):
             if not cfg.tie_embeddings:
                 self.output_layer = ColumnParallelLinear(h, vocab, False, st, std=std, seed=seed,
                                                          name="output_layer")
-            self.register_buffer("vocab_pad_bias", _vocab_pad_bias(cfg, st), persistent=False)
 
     def global_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """named_parameters() with global layer indices ("decoder.layers.5..." on any stage holding layer 5)."""
@@ -107,7 +106,7 @@ class LanguageModel(nn.Module):
         """This rank's vocabulary shard of the logits."""
         h = self.final_norm(h)
         weight = self.embedding.weight if self.cfg.tie_embeddings else self.output_layer.weight
-        return parallel_lm_logits(h, weight, self.st, self.vocab_pad_bias)
+        return parallel_lm_logits(h, weight, self.st)
 
     def forward(self, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 plan: Optional[ModelPlan] = None) -> torch.Tensor:
@@ -124,17 +123,10 @@ class LanguageModel(nn.Module):
         if labels is None:
             return gather_from_tp(logits, self.st.tp_group)[..., : self.cfg.vocab_size]
         vocab_start = self.st.tp_rank * logits.shape[-1]
-        return vocab_parallel_cross_entropy(logits, labels, self.st.tp_group, self.st.tp, vocab_start)
-
-
-def _vocab_pad_bias(cfg: ModelConfig, st: ParallelState) -> Optional[torch.Tensor]:
-    """-inf on this shard's padding rows of the vocabulary (ids >= vocab_size), 0 elsewhere: padding takes no
-    probability mass, so the loss and the exported (unpadded) Hugging Face model agree exactly."""
-    if cfg.padded_vocab_size == cfg.vocab_size:
-        return None
-    per_rank = cfg.padded_vocab_size // st.tp
-    ids = torch.arange(st.tp_rank * per_rank, (st.tp_rank + 1) * per_rank)
-    return torch.zeros(per_rank).masked_fill(ids >= cfg.vocab_size, float("-inf"))
+        # the padded vocabulary's extra ids take no probability mass, so the loss and the exported (unpadded)
+        # Hugging Face model agree exactly
+        return vocab_parallel_cross_entropy(logits, labels, self.st.tp_group, self.st.tp, vocab_start,
+                                            self.cfg.vocab_size)
 
 
 def _to_device(plan: ModelPlan, device: torch.device) -> ModelPlan:

@@ -3,8 +3,15 @@
 Never gathers the full [tokens, vocab] logits: only per-token max, target logit and sum of exps are reduced.
 Both functions keep one [tokens, vocab] fp32 tensor for the backward (the softmax, or its log) and turn it into
 the gradient in place, as Megatron's does: the backward runs once per forward (no retain_graph double backward).
+
+Columns of the padded vocabulary (global id >= vocab_size) take no probability mass: they are set to -inf here,
+in the fp32 logits (in place when the logits are fp32: the LM head's fresh output, which nothing else holds), and so
+get a zero gradient. A -inf bias on the LM head did the same at the cost of copying the bias into every
+[tokens, vocab] output before the matmul.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -12,8 +19,8 @@ import torch.distributed as dist
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, vocab_start: int):
-        logits = logits.float()
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, vocab_start: int, n_real: int):
+        logits = _mask_padding(logits.float(), n_real)
         local_max = logits.max(dim=-1).values
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - local_max.unsqueeze(-1)
@@ -37,7 +44,7 @@ class _VocabParallelCE(torch.autograd.Function):
         grad = softmax
         inside = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local_t.unsqueeze(-1), -inside.unsqueeze(-1))
-        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None, None, None
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -47,8 +54,8 @@ class _CrossEntropy(torch.autograd.Function):
     gradient (bench/bench_cross_entropy.py times both)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor):
-        log_sm = torch.log_softmax(logits.float(), dim=-1)
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, n_real: int):
+        log_sm = torch.log_softmax(_mask_padding(logits.float(), n_real), dim=-1)
         ctx.save_for_backward(log_sm, target)
         return log_sm.gather(-1, target.unsqueeze(-1)).squeeze(-1).neg_()
 
@@ -57,12 +64,21 @@ class _CrossEntropy(torch.autograd.Function):
         log_sm, target = ctx.saved_tensors
         grad = log_sm.exp_()
         grad.scatter_add_(-1, target.unsqueeze(-1), torch.full_like(target, -1, dtype=grad.dtype).unsqueeze(-1))
-        return grad.mul_(grad_loss.unsqueeze(-1)), None
+        return grad.mul_(grad_loss.unsqueeze(-1)), None, None
+
+
+def _mask_padding(logits: torch.Tensor, n_real: int) -> torch.Tensor:
+    if n_real < logits.shape[-1]:
+        logits[..., n_real:] = float("-inf")
+    return logits
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group, tp: int,
-                                 vocab_start: int) -> torch.Tensor:
-    """Per-token loss [..] from local logits [.., V/tp] and global target ids [..]."""
+                                 vocab_start: int, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token loss [..] from local logits [.., V/tp] and global target ids [..]; vocabulary ids from
+    vocab_size on (None: none) are padding."""
+    n_local = logits.shape[-1]
+    n_real = n_local if vocab_size is None else min(max(vocab_size - vocab_start, 0), n_local)
     if tp == 1:
-        return _CrossEntropy.apply(logits.flatten(0, -2), target.flatten()).view(target.shape)
-    return _VocabParallelCE.apply(logits, target, group, vocab_start)
+        return _CrossEntropy.apply(logits.flatten(0, -2), target.flatten(), n_real).view(target.shape)
+    return _VocabParallelCE.apply(logits, target, group, vocab_start, n_real)

@@ -88,7 +88,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
 
-def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T (+ bias)."""
-    return F.linear(copy_to_tp(h, st.tp_group), weight, bias)
+def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState) -> torch.Tensor:
+    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T."""
+    return F.linear(copy_to_tp(h, st.tp_group), weight)
