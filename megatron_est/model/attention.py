@@ -68,8 +68,10 @@ class Attention(nn.Module):
         d = self.d
         if plan is None:
             qkv = self.qkv(x).view(b, s, self.local_groups, self.r + 2, d)
-            q = qkv[:, :, :, : self.r].reshape(b, s, self.local_heads, d)
-            k, v = qkv[:, :, :, self.r], qkv[:, :, :, self.r + 1]
+            # one split, not three slices: its backward writes one [.., r + 2, d] gradient, where each slice's
+            # would zero-fill a full-size one and add into it
+            q, k, v = qkv.split([self.r, 1, 1], dim=3)
+            q, k, v = q.reshape(b, s, self.local_heads, d), k.squeeze(3), v.squeeze(3)
             n_q, n_kv, kv_map, cols, scale = self.local_heads, self.local_groups, None, None, 1.0
         else:
             n_q, n_kv, kv_map, cols, scale = plan.n_q, plan.n_kv, plan.kv_map, plan.proj_cols, plan.scale
