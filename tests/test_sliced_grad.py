@@ -102,3 +102,51 @@ def test_post_accumulate_hooks_fire_once_per_backward_on_the_final_grad():
     want = torch.zeros(6, 3)
     want[[1, 4]] = 2 * p.detach()[[1, 4]]
     assert torch.equal(seen[0], want) and torch.equal(seen[1], 2 * want)
+
+
+def _graph_names(fn) -> set[str]:
+    seen, todo = {}, [fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node.name()
+        todo.extend(n for n, _ in node.next_functions)
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("family,pre_process", [("gpt2", True), ("llama", True), ("gpt2", False)])
+def test_embedding_and_head_gradients_equal_autograd_bitwise(family, pre_process):
+    """The word embedding's rows and the LM head (parallel/embedding_grad.py): autograd's gradient bit for bit,
+    tied (GPT-2) or not (Llama), with one stage holding both or only the head (a last pipeline stage's tied copy),
+    many repeated ids (each row sums several gradients), two micro-batches and a second step."""
+    cfg = tiny(family, num_layers=1, vocab_size=200)
+    model = LanguageModel(cfg, seed=3, pre_process=pre_process)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 9, (2, cfg.seq_length + 1), generator=g) for _ in range(4)]
+
+    def grads(direct: bool):
+        set_direct_grads(model, direct)
+        out, names = [], set()
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            for t in batches[2 * step: 2 * step + 2]:
+                x = t[:, :-1] if pre_process else torch.randn(2, cfg.seq_length, cfg.hidden_size, generator=g)
+                loss = model(x, t[:, 1:]).mean()
+                names |= _graph_names(loss.grad_fn)
+                loss.backward()
+            out.append({n: p.grad.clone() for n, p in model.named_parameters()
+                        if "embedding" in n or "output" in n})
+        return out, names
+
+    want, auto_names = grads(False)
+    g.manual_seed(0)
+    batches = [torch.randint(0, 9, (2, cfg.seq_length + 1), generator=g) for _ in range(4)]
+    got, direct_names = grads(True)
+    assert "_HeadBackward" in direct_names and "_HeadBackward" not in auto_names
+    assert ("_LookupBackward" in direct_names) == pre_process
+    for step_got, step_want in zip(got, want):
+        assert step_got.keys() == step_want.keys() and step_got
+        for name in step_want:
+            assert torch.equal(step_got[name], step_want[name]), name
+    assert not any("_head_grad" in p.__dict__ for p in model.parameters())

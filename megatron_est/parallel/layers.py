@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_est.parallel.embedding_grad import embedding_lookup, head_logits
 from megatron_est.parallel.init import normal_full, shard
 from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
 from megatron_est.parallel.sliced_grad import sliced_weight
@@ -80,14 +81,16 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:
-            return F.embedding(ids, self.weight)
+            return embedding_lookup(self.weight, ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = embedding_lookup(self.weight, local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.group)
 
 
-def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState) -> torch.Tensor:
-    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T."""
-    return F.linear(copy_to_tp(h, st.tp_group), weight)
+def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState,
+                       tied_lookup_follows: bool = False) -> torch.Tensor:
+    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T. tied_lookup_follows: the weight
+    is the word embedding this stage looked up (parallel/embedding_grad.py)."""
+    return head_logits(copy_to_tp(h, st.tp_group), weight, tied_lookup_follows)

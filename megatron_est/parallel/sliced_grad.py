@@ -32,7 +32,8 @@ def set_direct_grads(module: nn.Module, enabled: bool) -> None:
             del p._direct_grad_buffer
 
 
-def _direct(p: torch.Tensor) -> bool:
+def direct_grads_apply(p: torch.Tensor) -> bool:
+    """Whether p's gradient may be written straight into .grad (the module docstring says when not)."""
     if not getattr(p, "direct_grads", True) or not p.requires_grad or not torch.is_grad_enabled():
         return False
     return all(getattr(h, "fires_from_direct_grads", False) for h in _hooks(p)) and not hasattr(p, "ds_id")
@@ -44,7 +45,7 @@ def _hooks(p: torch.Tensor) -> list:
 
 def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """p.index_select(dim, index), with its gradient added into p.grad directly (see the module docstring)."""
-    if not _direct(p):
+    if not direct_grads_apply(p):
         return p.index_select(dim, index)
     return _SliceIntoGrad.apply(p, dim, index)
 
@@ -67,11 +68,11 @@ class _SliceIntoGrad(torch.autograd.Function):
 def accumulate_slice(p: torch.Tensor, dim: int, index: torch.Tensor, grad: torch.Tensor) -> None:
     """p.grad[index along dim] += grad, starting from zeros when p.grad is None."""
     if p.grad is None:
-        p.grad = _zeroed_buffer(p)
+        p.grad = zeroed_grad(p)
     p.grad.index_add_(dim, index, grad.to(p.grad.dtype))
 
 
-def _zeroed_buffer(p: torch.Tensor) -> torch.Tensor:
+def zeroed_grad(p: torch.Tensor) -> torch.Tensor:
     """The parameter's kept gradient buffer, zeroed; a new one the first time, if its layout changed, or if
     anyone else still holds it."""
     buf = p.__dict__.get("_direct_grad_buffer")
