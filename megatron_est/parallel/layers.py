@@ -56,7 +56,11 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = st.tp_group
         full = normal_full((out_features, in_features), std, seed, name)
-        self.weight = _mark_tp(nn.Parameter(shard(full, 1, st.tp_rank, st.tp)), 1)
+        # Stored column by column (strides (1, out)): EST keeps whole input columns, which are then contiguous
+        # rows in memory to gather and to add gradients into (parallel/sliced_grad.py). The shape, values,
+        # checkpoints and every matmul are as for a row-major weight; BLAS reads either layout.
+        w = shard(full, 1, st.tp_rank, st.tp)
+        self.weight = _mark_tp(nn.Parameter(w.t().contiguous().t()), 1)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
@@ -66,6 +70,16 @@ class RowParallelLinear(nn.Module):
             y = y * scale
         y = reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
+
+
+def row_major_parameters(module: nn.Module) -> None:
+    """Store every parameter row-major (contiguous), the row-parallel weights too: for engines that view
+    parameters as flat bytes (DeepSpeed's broadcast and ZeRO's flat buffers). Values, shapes and results stay the
+    same; slicing then gathers strided columns, as it did before those weights were stored by columns."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -46,8 +46,24 @@ def _hooks(p: torch.Tensor) -> list:
 def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """p.index_select(dim, index), with its gradient added into p.grad directly (see the module docstring)."""
     if not direct_grads_apply(p):
-        return p.index_select(dim, index)
+        return select(p, dim, index)
     return _SliceIntoGrad.apply(p, dim, index)
+
+
+def _as_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, bool]:
+    """(t, dim), or (t^T, 0, True) when t is a matrix stored column by column (row-parallel weights are:
+    parallel/layers.py) and dim = 1: its columns are then contiguous rows of t^T, which copy and add several
+    times faster than strided columns."""
+    if dim == 1 and t.dim() == 2 and t.t().is_contiguous() and not t.is_contiguous():
+        return t.t(), 0, True
+    return t, dim, False
+
+
+def select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """t.index_select(dim, index), in t's own layout."""
+    v, d, transposed = _as_rows(t, dim)
+    out = v.index_select(d, index)
+    return out.t() if transposed else out
 
 
 class _SliceIntoGrad(torch.autograd.Function):
@@ -55,7 +71,7 @@ class _SliceIntoGrad(torch.autograd.Function):
     def forward(ctx, p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
         ctx.param, ctx.dim = p, dim
         ctx.save_for_backward(index)
-        return p.index_select(dim, index)
+        return select(p, dim, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -66,21 +82,29 @@ class _SliceIntoGrad(torch.autograd.Function):
 
 
 def accumulate_slice(p: torch.Tensor, dim: int, index: torch.Tensor, grad: torch.Tensor) -> None:
-    """p.grad[index along dim] += grad, starting from zeros when p.grad is None."""
+    """p.grad[index along dim] += grad, starting from zeros when p.grad is None. (Zeroing the whole buffer and
+    adding is faster than writing the kept slices with index_copy_ and zeroing the others with index_fill_:
+    0.80 ms against 1.95 ms for half the rows of a 3072 x 768 weight, one thread.)"""
     if p.grad is None:
         p.grad = zeroed_grad(p)
-    p.grad.index_add_(dim, index, grad.to(p.grad.dtype))
+    v, d, transposed = _as_rows(p.grad, dim)
+    grad = grad.to(p.grad.dtype)
+    v.index_add_(d, index, grad.t() if transposed else grad)
 
 
 def zeroed_grad(p: torch.Tensor) -> torch.Tensor:
     """The parameter's kept gradient buffer, zeroed; a new one the first time, if its layout changed, or if
     anyone else still holds it."""
     buf = p.__dict__.get("_direct_grad_buffer")
-    if buf is not None and _sole_owner(buf) and (buf.shape, buf.dtype, buf.device) == (p.shape, p.dtype, p.device):
+    if buf is not None and _sole_owner(buf) and _same_layout(buf, p):
         return buf.zero_()
-    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    buf = torch.zeros_like(p)  # in p's layout (strides), as autograd's accumulation keeps it
     p._direct_grad_buffer = buf
     return buf
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
 
 
 def _sole_owner(buf: torch.Tensor) -> bool:

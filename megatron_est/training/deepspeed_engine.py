@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.grads import grad_norm_and_clip
+from megatron_est.parallel.layers import row_major_parameters
 from megatron_est.parallel.state import ParallelState
 from megatron_est.training import checkpoint_layout as layout, deepspeed_pipeline
 from megatron_est.training.checkpoint_layout import est_state_path, iter_dir_name, shard_dir_name
@@ -216,6 +217,7 @@ def initialize(cfg: Config, st: ParallelState, model: torch.nn.Module, log=None,
         for p in model.parameters():  # DeepSpeed's own marker for tensor-parallel shards (gradient norms)
             if getattr(p, "tensor_parallel", False):
                 p.tensor_model_parallel = True
+    row_major_parameters(model)  # DeepSpeed broadcasts and flattens parameters as flat bytes
     groups = _param_groups(model, cfg.train.weight_decay)
     tr = cfg.train
     client_opt = None
