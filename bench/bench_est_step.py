@@ -7,8 +7,8 @@ the new step path and the old one.
     OMP_NUM_THREADS=1 python bench/bench_est_step.py --micro-batch-size 2 --paths new --processes 3
 
 A step is what the plain engine does (training/engine.py): zero_grad, forward + backward on a new subnetwork
-(over --micro-batches accumulated micro-batches, 1 by default), the unsampled policy's gradient completion,
-clipping, the policy's optimizer step (--unsampled-update, the training default unless given).
+(over --micro-batches accumulated micro-batches, 1 by default), clipping, the unsampled policy's gradient
+completion, the policy's optimizer step (--unsampled-update, the training default unless given).
 Paths: "new" = sliced gradients added straight into .grad (parallel/sliced_grad.py), torch's fused AdamW, freeze
 stepping sliced weights on their kept slices (est/unsampled.py Narrowed); "old" = autograd's full-size sliced
 gradients, the multi-tensor (foreach) AdamW, freeze stepping whole tensors and writing the frozen elements back.
@@ -144,8 +144,8 @@ def main() -> None:
         for mb in tokens.split(args.micro_batch_size):
             (model(mb[:, :-1], mb[:, 1:], plan).mean() / n_micro).backward()
         t1 = {c: f() for c, f in CLOCKS.items()}
-        policy.complete_grads(params)
         grad_norm_and_clip(params, 1.0, None, 1)
+        policy.complete_grads(params)  # after clipping, as training/engine.py does
         policy.step(opt, model, plan)
         return {c: (f() - t0[c], t1[c] - t0[c]) for c, f in CLOCKS.items()}
 

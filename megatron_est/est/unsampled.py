@@ -133,7 +133,8 @@ class AdamWUpdate:
     name = "adamw"
 
     def complete_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Before clipping: every parameter gets a gradient (zeros where the subnetwork did not reach)."""
+        """Before the optimizer's step (after clipping: zeros change neither the norm nor the clip): every
+        parameter gets a gradient (zeros where the subnetwork did not reach)."""
         zero_fill_missing_grads(params)
 
     def step(self, optimizer: torch.optim.Optimizer, model, plan: Optional[ModelPlan]) -> None:

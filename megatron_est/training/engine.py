@@ -110,7 +110,6 @@ class TorchEngine:
             self.grad_reduce.finish()
         else:
             sync_data_parallel_grads(params, st.dp_group, st.dp)
-        self.policy.complete_grads(params)
         if st.pp > 1:  # only the last stage computed a loss: hand it to every stage (rank 0 logs)
             dist.all_reduce(loss_sum, group=st.pp_group)
         if st.dp > 1:
@@ -125,6 +124,9 @@ class TorchEngine:
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same decision on every rank: both are reduced
             return StepResult(loss, norm, nonfinite=True)
         set_lr(optimizer, step_lr(self.cfg, step, sub))
+        # zero gradients for what the subnetwork did not reach (adamw) only now: they add nothing to the norm and
+        # need no clipping, so neither reads them
+        self.policy.complete_grads(params)
         self.policy.step(optimizer, self.module, plan)
         return StepResult(loss, norm)
 
