@@ -11,6 +11,7 @@ from megatron_est.config import Config, ConfigError, TrainConfig
 from megatron_est.est.rewarm import rewarm_factor
 from megatron_est.est.sampler import Subnetwork
 from megatron_est.kernels import apex_fused_adam
+from megatron_est.parallel.layers import row_major_parameters
 
 
 def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
@@ -26,6 +27,7 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = Tr
     cuda = next(model.parameters()).is_cuda
     fused_adam = apex_fused_adam() if cuda and use_apex else None
     if fused_adam is not None:
+        row_major_parameters(model)  # apex's multi-tensor kernels refuse non-contiguous tensors
         return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
                           adam_w_mode=True)
     return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, fused=True)
