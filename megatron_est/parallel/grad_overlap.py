@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_est.parallel.grads import _buckets
+from megatron_est.parallel.storage import contiguous_view
 
 OVERLAP_BUCKET_NUMEL = 8 * 1024 * 1024  # smaller than the synchronous path's: the first bucket starts sooner
 
@@ -72,7 +73,7 @@ class OverlappedGradReduce:
             self.launched_in_backward += 1
 
     def _launch(self, bucket: list[torch.nn.Parameter]) -> None:
-        grads = [p.grad for p in bucket if p.grad is not None]
+        grads = [contiguous_view(p.grad) for p in bucket if p.grad is not None]  # flattened in memory order
         if grads:
             flat = _flatten_dense_tensors(grads)
             self.in_flight.append((grads, flat, dist.all_reduce(flat, group=self.group, async_op=True)))

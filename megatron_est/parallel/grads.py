@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_est.parallel.storage import contiguous_view
+
 _BUCKET_NUMEL = 32 * 1024 * 1024
 
 
@@ -33,7 +35,7 @@ def all_reduce_mean(tensors: list[torch.Tensor], group: Optional[dist.ProcessGro
     """Average tensors in place over a group, in flattened buckets."""
     if size == 1 or not tensors:
         return
-    for bucket in _buckets(tensors):
+    for bucket in _buckets([contiguous_view(t) for t in tensors]):  # flattened in memory order (storage.py)
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, group=group)
         flat.div_(size)

@@ -17,6 +17,7 @@ from megatron_est.parallel.init import normal_full, shard
 from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
 from megatron_est.parallel.sliced_grad import sliced_weight
 from megatron_est.parallel.state import ParallelState
+from megatron_est.parallel.storage import column_major_copy
 
 
 def _mark_tp(p: nn.Parameter, dim: int) -> nn.Parameter:
@@ -56,11 +57,8 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = st.tp_group
         full = normal_full((out_features, in_features), std, seed, name)
-        # Stored column by column (strides (1, out)): EST keeps whole input columns, which are then contiguous
-        # rows in memory to gather and to add gradients into (parallel/sliced_grad.py). The shape, values,
-        # checkpoints and every matmul are as for a row-major weight; BLAS reads either layout.
-        w = shard(full, 1, st.tp_rank, st.tp)
-        self.weight = _mark_tp(nn.Parameter(w.t().contiguous().t()), 1)
+        # stored column by column: EST keeps whole input columns (parallel/storage.py)
+        self.weight = _mark_tp(nn.Parameter(column_major_copy(shard(full, 1, st.tp_rank, st.tp))), 1)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
@@ -70,16 +68,6 @@ class RowParallelLinear(nn.Module):
             y = y * scale
         y = reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
-
-
-def row_major_parameters(module: nn.Module) -> None:
-    """Store every parameter row-major (contiguous), the row-parallel weights too: for engines that view
-    parameters as flat bytes (DeepSpeed's broadcast and ZeRO's flat buffers). Values, shapes and results stay the
-    same; slicing then gathers strided columns, as it did before those weights were stored by columns."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -22,6 +22,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from megatron_est.parallel.storage import column_major
+
 
 def set_direct_grads(module: nn.Module, enabled: bool) -> None:
     """The one switch: direct accumulation (default) or autograd's full-size gradients for this module's
@@ -51,10 +53,9 @@ def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
 
 
 def _as_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, bool]:
-    """(t, dim), or (t^T, 0, True) when t is a matrix stored column by column (row-parallel weights are:
-    parallel/layers.py) and dim = 1: its columns are then contiguous rows of t^T, which copy and add several
-    times faster than strided columns."""
-    if dim == 1 and t.dim() == 2 and t.t().is_contiguous() and not t.is_contiguous():
+    """(t, dim), or (t^T, 0, True) when t is column-major (parallel/storage.py) and dim = 1: its columns are
+    then contiguous rows of t^T, which copy and add several times faster than strided columns."""
+    if dim == 1 and column_major(t):
         return t.t(), 0, True
     return t, dim, False
 

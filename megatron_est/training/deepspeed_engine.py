@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from megatron_est.config import Config, ConfigError
 from megatron_est.parallel.grads import grad_norm_and_clip
-from megatron_est.parallel.layers import row_major_parameters
 from megatron_est.parallel.state import ParallelState
+from megatron_est.parallel.storage import row_major_parameters
 from megatron_est.training import checkpoint_layout as layout, deepspeed_pipeline
 from megatron_est.training.checkpoint_layout import est_state_path, iter_dir_name, shard_dir_name
 from megatron_est.training import checkpointing, safe_load

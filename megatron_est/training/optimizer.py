@@ -11,7 +11,8 @@ from megatron_est.config import Config, ConfigError, TrainConfig
 from megatron_est.est.rewarm import rewarm_factor
 from megatron_est.est.sampler import Subnetwork
 from megatron_est.kernels import apex_fused_adam
-from megatron_est.parallel.layers import row_major_parameters
+from megatron_est.parallel.storage import row_major_parameters
+from megatron_est.training.adamw import AdamW
 
 
 def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = True) -> torch.optim.Optimizer:
@@ -19,9 +20,10 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = Tr
 
     On GPU: apex's FusedAdam (AdamW mode) when its CUDA extension loads and use_apex, else torch's fused AdamW;
     on CPU torch's fused AdamW too (one pass over each tensor: about 4x faster than the multi-tensor path at
-    GPT-2 124M on one thread). Both modes of --est-unsampled-update count a step on every tensor every step
-    (freeze steps sliced weights on their kept slices, est/unsampled.py), so FusedAdam's one step count per
-    group equals torch's per-tensor counts.
+    GPT-2 124M on one thread), stepping the column-major row-parallel weights in place (training/adamw.py).
+    Both modes of --est-unsampled-update count a step on every tensor every step (freeze steps sliced weights on
+    their kept slices, est/unsampled.py), so FusedAdam's one step count per group equals torch's per-tensor
+    counts.
     """
     groups = param_groups(model, tr)
     cuda = next(model.parameters()).is_cuda
@@ -30,7 +32,7 @@ def build_optimizer(model: torch.nn.Module, tr: TrainConfig, use_apex: bool = Tr
         row_major_parameters(model)  # apex's multi-tensor kernels refuse non-contiguous tensors
         return fused_adam(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
                           adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, fused=True)
+    return AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps, fused=True)
 
 
 def param_groups(model: torch.nn.Module, tr: TrainConfig) -> list[dict]:
