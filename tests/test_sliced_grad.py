@@ -115,15 +115,17 @@ def _graph_names(fn) -> set[str]:
     return set(seen.values())
 
 
-@pytest.mark.parametrize("family,pre_process", [("gpt2", True), ("llama", True), ("gpt2", False)])
-def test_embedding_and_head_gradients_equal_autograd_bitwise(family, pre_process):
+@pytest.mark.parametrize("family,pre_process,batch", [("gpt2", True, 2), ("llama", True, 2), ("gpt2", False, 2),
+                                                      ("gpt2", True, 16), ("llama", True, 16)])
+def test_embedding_and_head_gradients_equal_autograd_bitwise(family, pre_process, batch):
     """The word embedding's rows and the LM head (parallel/embedding_grad.py): autograd's gradient bit for bit,
     tied (GPT-2) or not (Llama), with one stage holding both or only the head (a last pipeline stage's tied copy),
-    many repeated ids (each row sums several gradients), two micro-batches and a second step."""
+    many repeated ids (each row sums several gradients), two micro-batches and a second step. With more ids than
+    vocabulary rows (batch 16: 512 ids, 256 rows) the lookup takes autograd's path, and a tied head with it."""
     cfg = tiny(family, num_layers=1, vocab_size=200)
     model = LanguageModel(cfg, seed=3, pre_process=pre_process)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 9, (2, cfg.seq_length + 1), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, 9, (batch, cfg.seq_length + 1), generator=g) for _ in range(4)]
 
     def grads(direct: bool):
         set_direct_grads(model, direct)
@@ -131,7 +133,7 @@ def test_embedding_and_head_gradients_equal_autograd_bitwise(family, pre_process
         for step in range(2):
             model.zero_grad(set_to_none=True)
             for t in batches[2 * step: 2 * step + 2]:
-                x = t[:, :-1] if pre_process else torch.randn(2, cfg.seq_length, cfg.hidden_size, generator=g)
+                x = t[:, :-1] if pre_process else torch.randn(batch, cfg.seq_length, cfg.hidden_size, generator=g)
                 loss = model(x, t[:, 1:]).mean()
                 names |= _graph_names(loss.grad_fn)
                 loss.backward()
@@ -141,10 +143,13 @@ def test_embedding_and_head_gradients_equal_autograd_bitwise(family, pre_process
 
     want, auto_names = grads(False)
     g.manual_seed(0)
-    batches = [torch.randint(0, 9, (2, cfg.seq_length + 1), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, 9, (batch, cfg.seq_length + 1), generator=g) for _ in range(4)]
     got, direct_names = grads(True)
-    assert "_HeadBackward" in direct_names and "_HeadBackward" not in auto_names
-    assert ("_LookupBackward" in direct_names) == pre_process
+    lookup = pre_process and batch == 2
+    assert "_HeadBackward" not in auto_names and "_LookupBackward" not in auto_names
+    assert ("_LookupBackward" in direct_names) == lookup
+    tied_autograd = pre_process and not lookup and cfg.tie_embeddings
+    assert ("_HeadBackward" in direct_names) == (not tied_autograd)
     for step_got, step_want in zip(got, want):
         assert step_got.keys() == step_want.keys() and step_got
         for name in step_want:

@@ -106,7 +106,7 @@ class LanguageModel(nn.Module):
         """This rank's vocabulary shard of the logits."""
         h = self.final_norm(h)
         weight = self.embedding.weight if self.cfg.tie_embeddings else self.output_layer.weight
-        return parallel_lm_logits(h, weight, self.st, self.pre_process and self.cfg.tie_embeddings)
+        return parallel_lm_logits(h, weight, self.st)
 
     def forward(self, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 plan: Optional[ModelPlan] = None) -> torch.Tensor:

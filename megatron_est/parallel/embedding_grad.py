@@ -14,8 +14,7 @@ The values are autograd's bit for bit: each row receives the same additions in t
 gradient + (0 + g1 + g2 ...)), then .grad gets the sum as AccumulateGrad would give it. As for sliced weights
 (parallel/sliced_grad.py), where the accumulation is hooked (DeepSpeed), partitioned (ZeRO-3) or switched off,
 autograd's own path runs instead; under autocast too (the head's matmul then runs on a half-precision copy of the
-weight that autograd keeps for its backward), for both functions alike, so a tied weight's two gradients always
-meet on one path.
+weight that autograd keeps for its backward).
 """
 from __future__ import annotations
 
@@ -30,18 +29,22 @@ def _direct(weight: torch.Tensor) -> bool:
 
 
 def embedding_lookup(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """F.embedding(ids, weight), with the weight's gradient added row by row (see the module docstring)."""
-    if not _direct(weight):
-        return F.embedding(ids, weight)
-    return _Lookup.apply(weight, ids)
+    """F.embedding(ids, weight), with the weight's gradient added row by row (see the module docstring) when the
+    vocabulary has more rows than the lookup has ids: only then does the compact sum touch less than autograd's
+    [vocab, hidden] tensor (a 1,024-word vocabulary over 4,096 tokens is cheaper autograd's way)."""
+    direct = _direct(weight) and weight.shape[0] > ids.numel()
+    weight._lookup_path = "direct" if direct else "autograd"  # for the tied head's backward (head_logits)
+    return _Lookup.apply(weight, ids) if direct else F.embedding(ids, weight)
 
 
-def head_logits(h: torch.Tensor, weight: torch.Tensor, tied_lookup_follows: bool) -> torch.Tensor:
-    """F.linear(h, weight); tied_lookup_follows: this weight is also the embedding looked up earlier in this
-    forward (so its lookup's backward comes after this one and finishes the gradient)."""
-    if not _direct(weight):
+def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(h, weight). When this forward looked the same (tied) weight up, the head takes the lookup's
+    path: it leaves its gradient for a direct lookup's backward to finish, or runs autograd's as the lookup did
+    (so a tied weight's two gradients always meet on one path, summed as autograd sums them)."""
+    lookup = weight.__dict__.pop("_lookup_path", None)
+    if lookup == "autograd" or not _direct(weight):
         return F.linear(h, weight)
-    return _Head.apply(h, weight, tied_lookup_follows)
+    return _Head.apply(h, weight, lookup == "direct")
 
 
 class _Lookup(torch.autograd.Function):

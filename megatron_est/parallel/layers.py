@@ -91,8 +91,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
 
-def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState,
-                       tied_lookup_follows: bool = False) -> torch.Tensor:
-    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T. tied_lookup_follows: the weight
-    is the word embedding this stage looked up (parallel/embedding_grad.py)."""
-    return head_logits(copy_to_tp(h, st.tp_group), weight, tied_lookup_follows)
+def parallel_lm_logits(h: torch.Tensor, weight: torch.Tensor, st: ParallelState) -> torch.Tensor:
+    """Logits for this rank's vocabulary shard: [.., hidden] x [V/tp, hidden]^T (parallel/embedding_grad.py)."""
+    return head_logits(copy_to_tp(h, st.tp_group), weight)
