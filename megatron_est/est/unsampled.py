@@ -29,7 +29,8 @@ from megatron_est.config import Config
 from megatron_est.model.plan import ModelPlan
 from megatron_est.parallel.grads import zero_fill_missing_grads
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# the per-element state of torch's Adam/AdamW (training/adamw.py swaps it too)
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def full_shape(p: torch.nn.Parameter) -> torch.Size:
@@ -81,7 +82,7 @@ class Fragment:
 
     def moments(self) -> list[torch.Tensor]:
         st = self.state.get(self.tensor, {})
-        return [self.view(st[k]) for k in _MOMENTS if k in st]
+        return [self.view(st[k]) for k in ADAM_MOMENTS if k in st]
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         dim, index = self.frozen
@@ -197,7 +198,7 @@ class Narrowed:
         p, dim = self.param, self.dim
         self.kept = self.kept.to(p.device)
         self.value, self.grad = p.data, p.grad
-        self.moments = {k: self.state[k] for k in _MOMENTS if k in self.state}
+        self.moments = {k: self.state[k] for k in ADAM_MOMENTS if k in self.state}
         p.grad = None  # (a gradient must match the parameter's shape when assigned)
         p.data = self.value.index_select(dim, self.kept)
         p.grad = self.grad.index_select(dim, self.kept)

@@ -1,11 +1,12 @@
 """torch's fused AdamW, stepping column-major parameters through their contiguous transposes.
 
 The row-parallel weights are stored column by column (parallel/storage.py). torch's fused AdamW kernel copies a
-non-contiguous parameter, its gradient and both moments to contiguous tensors and back: 348 ms against 216 ms
-for a GPT-2 124M step on one CPU thread. AdamW is elementwise, so for the step each such parameter, its gradient
-and moments are swapped for their transposes, which are contiguous views of the same memory, and swapped back
-after: the same update, element for element, with no copy. The optimizer and its state dict are torch's
-(isinstance checks, checkpoints and the FusedAdam state conversion see torch.optim.AdamW).
+non-contiguous parameter, its gradient and both moments to contiguous tensors and back: a GPT-2 124M step on one
+CPU thread took 1.43x as long as on row-major parameters, and 0.98x stepped this way (bench/bench_layout.py).
+AdamW is elementwise, so for the step each such parameter, its gradient and moments are swapped for their
+transposes, which are contiguous views of the same memory, and swapped back after: the same update, element for
+element, with no copy. The optimizer and its state dict are torch's (isinstance checks, checkpoints and the
+FusedAdam state conversion see torch.optim.AdamW).
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import contextlib
 
 import torch
 
+from megatron_est.est.unsampled import ADAM_MOMENTS
 from megatron_est.parallel.storage import column_major
-
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 class AdamW(torch.optim.AdamW):
@@ -44,7 +44,7 @@ def _transposed(p: torch.nn.Parameter, state: dict):
     are put back after (the direct-gradient buffer is recognised by identity: parallel/sliced_grad.py)."""
     value, grad = p.data, p.grad
     moments = {}
-    for k in _MOMENTS:
+    for k in ADAM_MOMENTS:
         if k in state:
             if state[k].stride() != p.stride():  # e.g. a checkpoint saved with row-major moments
                 state[k] = torch.empty_like(p).copy_(state[k])
@@ -56,7 +56,7 @@ def _transposed(p: torch.nn.Parameter, state: dict):
     try:
         yield
     finally:
-        for k in _MOMENTS:
+        for k in ADAM_MOMENTS:
             if k in state:  # the step may have created them, as [in, out] contiguous tensors
                 state[k] = moments.get(k, state[k].t())
         p.grad = None
