@@ -22,8 +22,7 @@ from bench.common import median  # noqa: E402
 from megatron_est.config import TrainConfig, model_preset  # noqa: E402
 from megatron_est.host_memory import keep_freed_memory  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
-from megatron_est.parallel.sliced_grad import select  # noqa: E402
-from megatron_est.parallel.storage import column_major_copy  # noqa: E402
+from megatron_est.parallel.storage import column_major_copy, select  # noqa: E402
 from megatron_est.training.adamw import AdamW  # noqa: E402
 from megatron_est.training.optimizer import param_groups  # noqa: E402
 

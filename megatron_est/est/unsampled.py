@@ -28,6 +28,7 @@ import torch
 from megatron_est.config import Config
 from megatron_est.model.plan import ModelPlan
 from megatron_est.parallel.grads import zero_fill_missing_grads
+from megatron_est.parallel.storage import index_copy, select
 
 # the per-element state of torch's Adam/AdamW (training/adamw.py swaps it too)
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -86,7 +87,7 @@ class Fragment:
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         dim, index = self.frozen
-        return t.clone() if index is None else t.index_select(dim, index.to(t.device))
+        return t.clone() if index is None else select(t, dim, index.to(t.device))
 
     def put(self, t: torch.Tensor, values: Optional[torch.Tensor]) -> None:
         """Write `values` (zeros when None) back into the frozen elements of t."""
@@ -94,7 +95,7 @@ class Fragment:
         if index is None:
             t.copy_(values) if values is not None else t.zero_()
         elif values is not None:
-            t.index_copy_(dim, index.to(t.device), values)
+            index_copy(t, dim, index.to(t.device), values)
         else:
             t.index_fill_(dim, index.to(t.device), 0.0)
 
@@ -200,18 +201,18 @@ class Narrowed:
         self.value, self.grad = p.data, p.grad
         self.moments = {k: self.state[k] for k in ADAM_MOMENTS if k in self.state}
         p.grad = None  # (a gradient must match the parameter's shape when assigned)
-        p.data = self.value.index_select(dim, self.kept)
-        p.grad = self.grad.index_select(dim, self.kept)
+        p.data = select(self.value, dim, self.kept)  # (compact copies in the tensor's layout: parallel/storage.py)
+        p.grad = select(self.grad, dim, self.kept)
         for k, m in self.moments.items():
-            self.state[k] = m.index_select(dim, self.kept)
+            self.state[k] = select(m, dim, self.kept)
         return self
 
     @torch.no_grad()
     def __exit__(self, *exc) -> None:
         p, dim, kept = self.param, self.dim, self.kept
-        self.value.index_copy_(dim, kept, p.data)
+        index_copy(self.value, dim, kept, p.data)
         for k, m in self.moments.items():
-            m.index_copy_(dim, kept, self.state[k])
+            index_copy(m, dim, kept, self.state[k])
             self.state[k] = m
         p.grad = None
         p.data = self.value

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from megatron_est.parallel.storage import column_major
+from megatron_est.parallel.storage import as_rows, select
 
 
 def set_direct_grads(module: nn.Module, enabled: bool) -> None:
@@ -52,21 +52,6 @@ def sliced_weight(p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tenso
     return _SliceIntoGrad.apply(p, dim, index)
 
 
-def _as_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, bool]:
-    """(t, dim), or (t^T, 0, True) when t is column-major (parallel/storage.py) and dim = 1: its columns are
-    then contiguous rows of t^T, which copy and add several times faster than strided columns."""
-    if dim == 1 and column_major(t):
-        return t.t(), 0, True
-    return t, dim, False
-
-
-def select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """t.index_select(dim, index), in t's own layout."""
-    v, d, transposed = _as_rows(t, dim)
-    out = v.index_select(d, index)
-    return out.t() if transposed else out
-
-
 class _SliceIntoGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -88,7 +73,7 @@ def accumulate_slice(p: torch.Tensor, dim: int, index: torch.Tensor, grad: torch
     0.80 ms against 1.95 ms for half the rows of a 3072 x 768 weight, one thread.)"""
     if p.grad is None:
         p.grad = zeroed_grad(p)
-    v, d, transposed = _as_rows(p.grad, dim)
+    v, d, transposed = as_rows(p.grad, dim)
     grad = grad.to(p.grad.dtype)
     v.index_add_(d, index, grad.t() if transposed else grad)
 
