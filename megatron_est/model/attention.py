@@ -63,7 +63,7 @@ class Attention(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, plan: Optional[AttnPlan],
-                rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]], out_scale: float = 1.0) -> torch.Tensor:
         b, s, _ = x.shape
         d = self.d
         if plan is None:
@@ -88,4 +88,4 @@ class Attention(nn.Module):
         else:
             o = core_attention(self, q, k, v, enable_gqa=k.shape[1] != n_q)  # (recomputed if selective)
             out = o.transpose(1, 2).reshape(b, s, n_q * d)
-        return self.proj(out, cols, scale)
+        return self.proj(out, cols, scale, out_scale)

@@ -49,11 +49,11 @@ class MLP(nn.Module):
                 out.append((lin.bias, 0, plan.index))
         return out + [(self.fc2.weight, 1, plan.index)]
 
-    def forward(self, x: torch.Tensor, plan: Optional[MLPPlan]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: Optional[MLPPlan], out_scale: float = 1.0) -> torch.Tensor:
         idx, scale = (None, 1.0) if plan is None else (plan.index, plan.scale)
         if self.swiglu:
             x = copy_to_tp(x, self.group)
             hidden = F.silu(self.gate(x, idx, copy_input=False)) * self.up(x, idx, copy_input=False)
         else:
             hidden = F.gelu(self.fc1(x, idx), approximate="tanh")
-        return self.fc2(hidden, idx, scale)
+        return self.fc2(hidden, idx, scale, out_scale)

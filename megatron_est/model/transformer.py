@@ -30,10 +30,9 @@ class TransformerLayer(nn.Module):
         return self.attention.trained_slices(plan.attn) + self.mlp.trained_slices(plan.mlp)
 
     def forward(self, x: torch.Tensor, plan: LayerPlan, rope, branch_scale: float = 1.0) -> torch.Tensor:
-        a = self.attention(self.input_norm(x), plan.attn, rope)
-        x = x + (a if branch_scale == 1.0 else a * branch_scale)
-        m = self.mlp(self.post_attention_norm(x), plan.mlp)
-        return x + (m if branch_scale == 1.0 else m * branch_scale)
+        # a sampled layer's branch scale is applied inside each branch's output projection (its GEMM's alpha)
+        x = x + self.attention(self.input_norm(x), plan.attn, rope, branch_scale)
+        return x + self.mlp(self.post_attention_norm(x), plan.mlp, branch_scale)
 
 
 class TransformerBlock(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron_est.parallel.embedding_grad import embedding_lookup, head_logits
 from megatron_est.parallel.init import normal_full, shard
 from megatron_est.parallel.mappings import copy_to_tp, reduce_from_tp
+from megatron_est.parallel.scaled_linear import scaled_linear
 from megatron_est.parallel.sliced_grad import sliced_weight
 from megatron_est.parallel.state import ParallelState
 from megatron_est.parallel.storage import column_major_copy
@@ -55,19 +56,23 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, st: ParallelState, *, std: float,
                  seed: int, name: str):
         super().__init__()
-        self.group = st.tp_group
+        self.group, self.tp = st.tp_group, st.tp
         full = normal_full((out_features, in_features), std, seed, name)
         # stored column by column: EST keeps whole input columns (parallel/storage.py)
         self.weight = _mark_tp(nn.Parameter(column_major_copy(shard(full, 1, st.tp_rank, st.tp))), 1)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, scale: float = 1.0,
+                out_scale: float = 1.0) -> torch.Tensor:
+        """out_scale * (scale * x W^T + b): `scale` is EST's rescale of the sampled sum (N / k), `out_scale` a
+        sampled layer's branch scale, which scales the bias too. Both ride in the GEMM (parallel/scaled_linear.py).
+        Without TP the bias joins the GEMM as well; with TP it is added once, after the partial sums are reduced."""
         w = self.weight if index is None else sliced_weight(self.weight, 1, index)
-        y = F.linear(x, w)
-        if scale != 1.0:  # EST rescale of the sampled sum; the bias stays unscaled
-            y = y * scale
-        y = reduce_from_tp(y, self.group)
-        return y if self.bias is None else y + self.bias
+        b = self.bias if self.bias is None or out_scale == 1.0 else self.bias * out_scale
+        if self.tp == 1:
+            return scaled_linear(x, w, b, scale * out_scale)
+        y = reduce_from_tp(scaled_linear(x, w, None, scale * out_scale), self.group)
+        return y if b is None else y + b
 
 
 class VocabParallelEmbedding(nn.Module):
