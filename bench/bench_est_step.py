@@ -26,15 +26,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from bench.common import median, model_bench_setup  # noqa: E402
+from bench.common import in_fresh_processes, median, model_bench_setup, spread  # noqa: E402
 from megatron_est.config import ESTConfig, TrainConfig  # noqa: E402
 from megatron_est.est.flops import step_flops  # noqa: E402
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges  # noqa: E402
@@ -87,17 +85,10 @@ def _own_flags() -> argparse.Namespace:
 
 def _over_processes(own: argparse.Namespace) -> None:
     """Run this benchmark in own.processes fresh processes; print the median ratio rows with their ranges."""
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(own.processes):
-            out = os.path.join(tmp, f"{i}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *own.rest, "--unsampled-update", own.unsampled_update,
-                   "--paths", own.paths, "--micro-batches", str(own.micro_batches), "--json-out", out,
-                   *([] if own.keep_host_memory else ["--no-keep-host-memory"])]
-            print(f"# process {i + 1}/{own.processes}", flush=True)
-            subprocess.run(cmd, check=True)
-            with open(out) as f:
-                runs.append(json.load(f))
+    runs = in_fresh_processes(__file__, [*own.rest, "--unsampled-update", own.unsampled_update, "--paths", own.paths,
+                                         "--micro-batches", str(own.micro_batches),
+                                         *([] if own.keep_host_memory else ["--no-keep-host-memory"])],
+                              own.processes)
     print(f"# median over {own.processes} processes (min..max of the diff and the saving)")
     print("| clock | path | variant | FLOPs ratio | step time ratio | diff (range) | saving (range) | "
           "fwd+bwd ratio | diff (range) | floor | floor saving |")
@@ -106,7 +97,7 @@ def _over_processes(own: argparse.Namespace) -> None:
         rs = [run[k] for run in runs]
         fr, step, fb = row["flops"], [r["step"] for r in rs], [r["fwd+bwd"] for r in rs]
         sav = [(1 - x) / (1 - fr) for x in step] if fr < 1 else None
-        saving = f"{median(sav):.3f} ({min(sav):.3f}..{max(sav):.3f})" if sav else "-"
+        saving = spread(sav) if sav else "-"
         floor = median([r["floor"] for r in rs])
         floor_saving = f"{(1 - floor) / (1 - fr):.3f}" if fr < 1 else "-"
         print(f"| {row['clock']} | {row['path']} | {row['variant']} | {fr:.3f} | {median(step):.3f} | "

@@ -20,6 +20,31 @@ def interleaved_times(variants: dict[str, Callable[[], None]], reps: int, warmup
     return times
 
 
+def in_fresh_processes(script: str, argv: list[str], n: int) -> list:
+    """Run `python script --json-out FILE *argv` in n fresh processes, one after another, and return what each
+    wrote: where a process's tensors land moves its ratios (docs/benchmarks.md), so one process is one sample."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            out = os.path.join(tmp, f"{i}.json")
+            print(f"# process {i + 1}/{n}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(script), "--json-out", out, *argv], check=True)
+            with open(out) as f:
+                runs.append(json.load(f))
+    return runs
+
+
+def spread(xs: list, fmt: str = ".3f") -> str:
+    """median (min..max)"""
+    return f"{median(xs):{fmt}} ({min(xs):{fmt}}..{max(xs):{fmt}})"
+
+
 def median(xs: list) -> float:
     return statistics.median(xs)
 

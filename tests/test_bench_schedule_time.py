@@ -19,3 +19,12 @@ def test_runs_a_real_schedule(capsys):
                 "--seq-length", "16", "--micro-batch-size", "2", "--vocab-size", "128", "--train-iters", "10",
                 "--num-threads", "1", "--est-schedule", "0:0.5,0.5,0.5;5:1,1,1"])
     assert 0 < out["flops_saving"] < 0.5 and "| 1 | 5 |" in capsys.readouterr().out
+
+
+def test_fresh_processes_report_medians(capsys):
+    out = main(["--reps", "1", "--processes", "2", "--", "--num-layers", "2", "--hidden-size", "32",
+                "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2", "--vocab-size", "128",
+                "--train-iters", "10", "--num-threads", "1", "--est-schedule", "0:0.5,0.5,0.5;5:1,1,1"])
+    printed = capsys.readouterr().out
+    assert "# median over 2 processes" in printed and "| 1 | 0.350 |" in printed
+    assert 0 < out["flops_saving"] < 0.5
