@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Data-parallel gradient reduction at DP 2 (gloo): the plain engine's synchronous all-reduce after backward, its
-overlapped bucketed reduction (parallel/grad_overlap.py) and torch DDP, same model, data and optimizer.
+overlapped bucketed reduction (parallel/grad_overlap.py) and torch DDP, same model, data and optimizer, next to
+"local": the same step with no reduction at all (each rank keeps its own gradients: not training, the floor).
 
     OMP_NUM_THREADS=1 python bench/bench_overlap.py                          # GPT-2 shape 8L h512, seq 256
     python bench/bench_overlap.py --num-layers 4 --hidden-size 256 --reps 4
@@ -8,8 +9,9 @@ overlapped bucketed reduction (parallel/grad_overlap.py) and torch DDP, same mod
 Each process builds one model per variant (same seed) and alternates whole steps (a barrier before each):
 zero_grad, forward + backward over the micro-batches (DDP: no_sync for all but the last), the reduction, clipping,
 torch's fused AdamW. Stages: the full model, and EST stage 1 (0.5, 0.5, 0.5) where DDP needs
-find_unused_parameters (skipped layers get no gradient). Printed: rank 0's median step time per variant and the
-ratio to DDP's.
+find_unused_parameters (skipped layers get no gradient). Printed: rank 0's median step time per variant, the
+ratio to DDP's, and what the reduction added over "local" (its exposed cost: step-time noise of a few rounds is
+about as large, so read it over several runs).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from megatron_est.parallel.state import ParallelState, build_groups  # noqa: E40
 from megatron_est.training.optimizer import build_optimizer  # noqa: E402
 
 STAGES = {"full": (1.0, 1.0, 1.0), "stage1": (0.5, 0.5, 0.5)}
-VARIANTS = ("sync", "overlap", "ddp")
+VARIANTS = ("local", "sync", "overlap", "ddp")
 
 
 def _variant(kind: str, stage: str, cfg, st: ParallelState, tokens: list[torch.Tensor]):
@@ -64,7 +66,7 @@ def _variant(kind: str, stage: str, cfg, st: ParallelState, tokens: list[torch.T
                 (ddp or model)(t[:, :-1], t[:, 1:], plan).mean().backward()
         if reducer is not None:
             reducer.finish()
-        elif ddp is None:
+        elif kind == "sync":
             sync_data_parallel_grads(params, st.dp_group, st.dp)
         grad_norm_and_clip(params, 1.0, None, 1)
         opt.step()
@@ -117,13 +119,13 @@ def main() -> None:
           f"params), seq {args.seq_length}, micro-batch {args.micro_batch_size} x {args.micro_batches}, "
           f"{args.reps} rounds, threads {args.threads}; load average at start "
           f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}")
-    print("| stage | variant | median step s | vs DDP |")
-    print("|---|---|---|---|")
+    print("| stage | variant | median step s | vs DDP | over local s |")
+    print("|---|---|---|---|---|")
     for stage in STAGES:
-        ddp = median(res["times"][("ddp", stage)])
+        ddp, local = (median(res["times"][(k, stage)]) for k in ("ddp", "local"))
         for kind in VARIANTS:
             t = median(res["times"][(kind, stage)])
-            print(f"| {stage} | {kind} | {t:.3f} | {t / ddp:.3f} |")
+            print(f"| {stage} | {kind} | {t:.3f} | {t / ddp:.3f} | {t - local:+.3f} |")
 
 
 if __name__ == "__main__":
