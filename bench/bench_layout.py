@@ -2,7 +2,7 @@
 process, interleaved round by round:
 
 - EST's per-weight work on an MLP fc2 weight [hidden, ffn] with half its input columns kept: the gather
-  (parallel/sliced_grad.select) and the gradient accumulation (index_add_ into .grad);
+  (parallel/storage.select) and the gradient accumulation (index_add_ into .grad);
 - one AdamW step over a whole model's parameters: torch's fused AdamW on row-major parameters, on column-major
   ones directly, and through training/adamw.py (the contiguous transposes).
 
@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from bench.common import median  # noqa: E402
+from bench.common import interleaved_times, median  # noqa: E402
 from megatron_est.config import TrainConfig, model_preset  # noqa: E402
 from megatron_est.host_memory import keep_freed_memory  # noqa: E402
 from megatron_est.model.language_model import LanguageModel  # noqa: E402
@@ -28,14 +27,8 @@ from megatron_est.training.optimizer import param_groups  # noqa: E402
 
 
 def _rounds(variants: dict, reps: int) -> dict:
-    times = {k: [] for k in variants}
-    for rnd in range(reps + 1):  # round 0 warms up
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            if rnd:
-                times[name].append(time.perf_counter() - t0)
-    return {k: median(v) for k, v in times.items()}
+    """Median seconds per variant, interleaved round by round after one warm-up round."""
+    return {k: median(v) for k, v in interleaved_times(variants, reps).items()}
 
 
 def _slicing(hidden: int, ffn: int, reps: int) -> None:

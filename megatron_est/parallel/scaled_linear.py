@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_est.parallel.storage import column_major
+
 
 def scaled_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
     """alpha * F.linear(x, w) + bias."""
@@ -46,12 +48,12 @@ class _ScaledLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         alpha = ctx.alpha
         g2 = grad.flatten(0, -2)
-        x2 = x.flatten(0, -2)  # (not reshape(-1, k): k may be 0, a shard that kept no unit)
+        x2 = x.flatten(0, -2)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = _gemm(g2, w, alpha).view(x.shape)
         if ctx.needs_input_grad[1]:  # in w's layout: (x^T g)^T for a column-major w
-            gw = _gemm(x2.t(), g2, alpha).t() if w.t().is_contiguous() else _gemm(g2.t(), x2, alpha)
+            gw = _gemm(x2.t(), g2, alpha).t() if column_major(w) else _gemm(g2.t(), x2, alpha)
         if ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None
