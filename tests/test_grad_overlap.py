@@ -1,7 +1,7 @@
 """The overlapped data-parallel reduction (parallel/grad_overlap.py) gives the synchronous path's gradients bit for
 bit at DP 2 (gloo), over micro-batch accumulation, skipped layers and sliced weights (direct and autograd
-gradients), and really launches buckets during backward; counting micro-batches wrong (a bucket reduced before
-its last micro-batch) is caught."""
+gradients), reduces them in place in its flat buffer (every gradient a view of it), and really launches buckets
+during backward; counting micro-batches wrong (a bucket reduced before its last micro-batch) is caught."""
 import torch
 
 from megatron_est.est.sampler import Strata, SubnetworkSampler, even_ranges
@@ -26,6 +26,12 @@ def _grads(model, plan, rank: int, it: int, before, after) -> dict:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _in_buffer(g: torch.Tensor, reducer: OverlappedGradReduce) -> bool:
+    """g is a view of the reducer's flat gradient buffer (reduced in place: no flattened copy, no copy back)."""
+    return any(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for flat in reducer.buffer.flat.values())
+
+
 def _worker(rank: int, world: int) -> dict:
     st = build_groups(ParallelState(world, rank, tp=1, pp=1, dp=world))
     cfg = tiny("llama", num_layers=4)
@@ -42,7 +48,8 @@ def _worker(rank: int, world: int) -> dict:
                           lambda: sync_data_parallel_grads(list(sync.parameters()), st.dp_group, st.dp))
             got = _grads(over, over.make_plan(sub), rank, it,
                          lambda: reducer.begin(over.skipped_parameters(plan), N_MICRO), reducer.finish)
-            out[(it, direct)] = (want, got, reducer.launched_in_backward)
+            in_buffer = all(p.grad is None or _in_buffer(p.grad, reducer) for p in over.parameters())
+            out[(it, direct)] = (want, got, reducer.launched_in_backward, in_buffer)
     plan = over.make_plan(sampler(3))
     miscounted = _grads(over, plan, rank, 3, lambda: reducer.begin(over.skipped_parameters(plan), 1),
                         reducer.finish)
@@ -55,8 +62,9 @@ def _worker(rank: int, world: int) -> dict:
 def test_overlapped_reduction_equals_synchronous_dp2():
     for rank_out in run_distributed(_worker, 2):
         for key in [k for k in rank_out if k != "miscounted"]:
-            want, got, launched = rank_out[key]
+            want, got, launched, in_buffer = rank_out[key]
             assert launched > 1, key  # buckets went out during backward, not all at finish()
+            assert in_buffer, key
             assert want.keys() == got.keys()
             for name, g in want.items():
                 assert (g is None) == (got[name] is None), (key, name)

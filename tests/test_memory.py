@@ -89,9 +89,10 @@ def test_layer_activations_equal_what_autograd_saves(preset, recompute, bf16):
 
 def test_plain_dp_reduce_and_step_phases_by_hand():
     """DP 2, 100M parameters (far above a bucket), one short micro-batch so that the last phases set the peak.
-    Overlapped reduce (the default): every bucket's flattened copy is in flight at the end of the backward, 4 P
-    more than weights + gradients + AdamW moments (16 P); synchronous: two 32M-element fp32 buckets. The fused
-    AdamW step adds nothing; DeepSpeed's foreach client AdamW adds a 4 P temporary."""
+    Overlapped reduce (the default): in place in the gradient buffer, which is held through the forward/backward
+    too, so that phase peaks at weights + gradients + AdamW moments (16 P) + its activations and temporaries;
+    synchronous: two 32M-element fp32 buckets over 16 P. The fused AdamW step adds nothing; DeepSpeed's foreach
+    client AdamW adds a 4 P temporary."""
     from megatron_est.planning.memory import estimate
     from megatron_est.planning.params import RankParams
 
@@ -104,7 +105,8 @@ def test_plain_dp_reduce_and_step_phases_by_hand():
         est = estimate(cfg.model, p, shape, 1, 1, 2, 1, 1, e)
         return est.peak, est.peak_phase, est.step_temporaries
 
-    assert peak(EnginePlan()) == (20 * P, "gradient reduce", 0.0)
+    est = estimate(cfg.model, p, shape, 1, 1, 2, 1, 1, EnginePlan())
+    assert peak(EnginePlan()) == (16 * P + est.activations + est.temporaries, "forward/backward", 0.0)
     assert peak(EnginePlan(overlap_grad_reduce=False)) == (16 * P + 8 * 32 * 2 ** 20, "gradient reduce", 0.0)
     assert peak(EnginePlan(zero_stage=0)) == (20 * P, "optimizer step", 4 * P)
 

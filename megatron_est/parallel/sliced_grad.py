@@ -79,8 +79,12 @@ def accumulate_slice(p: torch.Tensor, dim: int, index: torch.Tensor, grad: torch
 
 
 def zeroed_grad(p: torch.Tensor) -> torch.Tensor:
-    """The parameter's kept gradient buffer, zeroed; a new one the first time, if its layout changed, or if
-    anyone else still holds it."""
+    """The parameter's kept gradient buffer, zeroed: its piece of the data-parallel gradient buffer when it has one
+    (parallel/grad_buffer.py); else its own, a new one the first time, if its layout changed, or if anyone else
+    still holds it."""
+    view = p.__dict__.get("grad_bucket_view")
+    if view is not None:
+        return view.zero_()
     buf = p.__dict__.get("_direct_grad_buffer")
     if buf is not None and _sole_owner(buf) and _same_layout(buf, p):
         return buf.zero_()

@@ -38,11 +38,12 @@ Peak = the largest of three phases:
   forward/backward  weights + optimizer + activations + one [t, V/TP] fp32 buffer beside the saved
                     log-probabilities (the logits, or their fp32 copy under autocast, while the loss reads them;
                     the loss's backward then writes its gradient over the saved buffer, parallel/cross_entropy.py)
-                    + gradients (all of them with gradient accumulation, else the LM head's)
+                    + gradients (all of them with gradient accumulation or, plain engine at DP > 1 with
+                    --overlap-grad-reduce, the default, always: they live in one flat buffer for the whole run,
+                    parallel/grad_buffer.py; else the LM head's)
                     (+ DeepSpeed's gradient buckets)
-  gradient reduce   weights + optimizer + gradients + (plain engine, DP > 1) two flattened buckets, or with
-                    --overlap-grad-reduce (the default) a flattened copy of every gradient: the buckets launched
-                    during the backward are all in flight until the step's reduce finishes
+  gradient reduce   weights + optimizer + gradients + (plain engine, DP > 1, --no-overlap-grad-reduce) two
+                    flattened buckets (the overlapped reduction works in place in its buffer)
   optimizer step    weights + optimizer + gradients (+ under DeepSpeed one fp32 temporary per optimizer element:
                     its client torch AdamW's foreach sqrt of exp_avg_sq; the plain engine's fused AdamW, torch's or
                     apex's, updates in place without one)
@@ -203,13 +204,9 @@ def _deepspeed_buckets(p: RankParams, e: EnginePlan) -> float:
 
 
 def _plain_reduce_buffers(p: RankParams, e: EnginePlan) -> float:
-    """The plain engine's DP all-reduce buffers (fp32 gradients). Overlapped (parallel/grad_overlap.py): each
-    bucket is flattened when its gradients are final and stays in flight until finish(), so at the end of the
-    backward every gradient has a flattened copy (unflattening returns views of it). Synchronous
-    (parallel/grads.py): one flattened bucket at a time and its unflattened copy."""
-    if e.overlap_grad_reduce:
-        return 4.0 * p.total
-    return 2 * 4 * min(PLAIN_BUCKET_NUMEL, p.total)
+    """The plain engine's synchronous DP all-reduce (parallel/grads.py, fp32 gradients): one flattened bucket at a
+    time and its unflattened copy. The overlapped one reduces slices of its gradient buffer in place: none."""
+    return 0.0 if e.overlap_grad_reduce else 2 * 4 * min(PLAIN_BUCKET_NUMEL, p.total)
 
 
 def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int, dp: int, micro_batch: int,
@@ -221,8 +218,10 @@ def estimate(m: ModelConfig, p: RankParams, shape: StageShape, tp: int, pp: int,
         in_flight_microbatches(p.pp_rank, pp, n_micro)
     temp = _forward_temporaries(m, p, shape, tp, pp, tokens, n_micro, e)
     buckets = _deepspeed_buckets(p, e)
-    # Gradient accumulation: every micro-batch after the first runs with all gradients allocated.
-    fwd_bwd = s.weights + s.optimizer + act + temp + buckets + (s.gradients if n_micro > 1 else 0)
+    # Gradient accumulation: every micro-batch after the first runs with all gradients allocated; so does every
+    # micro-batch when they live in the overlapped reduction's flat buffer.
+    grads_held = n_micro > 1 or (not e.deepspeed and dp > 1 and e.overlap_grad_reduce)
+    fwd_bwd = s.weights + s.optimizer + act + temp + buckets + (s.gradients if grads_held else 0)
     reduce = s.weights + s.optimizer + s.gradients + buckets
     if not e.deepspeed and dp > 1:
         reduce += _plain_reduce_buffers(p, e)
