@@ -330,8 +330,9 @@ class EngineConfig:
                                     default_text="1, or the JSON's")
     offload_optimizer: bool = opt(False, "derived config: ZeRO optimizer state (and step) on the CPU", DS)
     overlap_grad_reduce: bool = opt(True, "plain engine: average data-parallel gradients in buckets during the "
-                                    "last micro-batch's backward, as DDP does (--no-overlap-grad-reduce: one "
-                                    "all-reduce pass after the backward)", DIST)
+                                    "last micro-batch's backward, as DDP does, in place in one flat gradient "
+                                    "buffer (--no-overlap-grad-reduce: one all-reduce pass after the backward)",
+                                    DIST)
     use_apex: bool = opt(True, "apex's fused norms/Adam on GPU when its CUDA extensions load, else torch-native",
                          PREC)
     tf32: bool = opt(True, "TF32 tensor cores for fp32 matmuls on GPUs of compute capability >= 8 (--no-tf32 for "
