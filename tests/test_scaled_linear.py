@@ -36,7 +36,9 @@ def test_scaled_linear_equals_scaled_output(alpha, bias, layout):
     for name, a, r in zip(("output", "x grad", "w grad", "bias grad"), got, ref):
         if r is None:
             assert a is None
-        elif alpha == 2.0:  # a power-of-two scale is exact wherever it is applied
+        elif alpha == 2.0 and not (name == "output" and bias):
+            # A power-of-two scale is exact wherever it is applied. (Not the biased output: the bias joins the
+            # GEMM's accumulator, and BLAS may add it at another point of the sum than `+ b` does.)
             assert torch.equal(a, r), name
         else:
             torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6, msg=name)
