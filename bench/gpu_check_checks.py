@@ -62,6 +62,8 @@ CHECKS = (
           ("pp2",), gpu_timeout_s=150),
     Check("tp2_pp2", "TP 2 x PP 2 against PP 1, same sizes (>= 4 GPUs)", f"{X}:layout_vs_pp1", ("tp2_pp2",),
           gpu_timeout_s=150),
+    Check("dp2", "DP 2 (overlapped in-place gradient reduction) against PP 1, same sizes (>= 2 GPUs)",
+          f"{X}:layout_vs_pp1", ("dp2",), gpu_timeout_s=150),
 )
 BY_NAME = {c.name: c for c in CHECKS}
 

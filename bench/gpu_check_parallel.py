@@ -1,7 +1,9 @@
-"""The GPU check's multi-GPU rows: PP 2 and TP 2 x PP 2 against PP 1, with large activations, many micro-batches.
+"""The GPU check's multi-GPU rows: PP 2, TP 2 x PP 2 and DP 2 against one GPU, large activations, many micro-batches.
 
 Large activations (>= 64 MB per exchanged tensor) and >= 4 micro-batches per step are where NCCL point-to-point
-exchanges deadlock or corrupt when send/recv pairs are mismatched; small CPU tests cannot show that. All runs
+exchanges deadlock or corrupt when send/recv pairs are mismatched; small CPU tests cannot show that. DP 2 runs the
+default overlapped reduction: NCCL all-reduces of gradient-buffer slices launched from backward hooks
+(parallel/grad_overlap.py), where gloo on CPU shows the order and values but not the streams. All runs
 fix the sampling strata to 2 (a multiple of every TP and PP size here) so that every layout draws the same
 subnetworks (docs/pipeline.md), and compare the loss curves.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 from bench.gpu_check_lib import Ctx, check_curve, fmt, max_diff, train
 from bench.gpu_check_train import fp32_flags, fp32_tol
 
-LAYOUTS = {"pp2": (1, 2), "tp2_pp2": (2, 2)}  # name -> (TP, PP)
+LAYOUTS = {"pp2": (1, 2, 1), "tp2_pp2": (2, 2, 1), "dp2": (1, 1, 2)}  # name -> (TP, PP, DP)
 
 
 def _flags(ctx: Ctx) -> list[str]:
@@ -29,22 +31,22 @@ def gpu_count() -> int:
 
 
 def layout_vs_pp1(ctx: Ctx, name: str):
-    tp, pp = LAYOUTS[name]
-    n = tp * pp
+    tp, pp, dp = LAYOUTS[name]
+    n = tp * pp * dp
     if ctx.gpu and gpu_count() < n:
         return "skip", f"needs {n} GPUs, {gpu_count()} present"
     if ctx.smoke and tp > 1:
-        return "skip", "CPU smoke runs PP 2 only (4 CPU processes are too slow on small machines)"
+        return "skip", "CPU smoke runs the 2-process layouts only (4 CPU processes are too slow on small machines)"
     ref = check_curve(train(ctx, "gpt2", "gpt2_big_pp1", _flags(ctx)), "PP 1")
     par = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     ls = check_curve(train(ctx, "gpt2", f"gpt2_big_{name}", _flags(ctx) + par, nproc=n), name)
     d, tol = max_diff(ls, ref), 5 * fp32_tol(ctx)
-    return ("pass" if d <= tol else "fail"), (f"{_sizes(ctx)}; curve max diff to PP 1 {d:.1e} (tol {tol:.0e}); "
+    return ("pass" if d <= tol else "fail"), (f"{_sizes(ctx, dp)}; curve max diff to PP 1 {d:.1e} (tol {tol:.0e}); "
                                               f"losses {fmt(ls)}")
 
 
-def _sizes(ctx: Ctx) -> str:
-    """Bytes of one exchanged fp32 activation and micro-batches per step, from the flags actually used."""
+def _sizes(ctx: Ctx, dp: int) -> str:
+    """Bytes of one exchanged fp32 activation and micro-batches per step and rank, from the flags actually used."""
     flags = _flags(ctx)
 
     def val(name: str, default: int) -> int:  # these flags override the tiny-run sizes (argparse: last wins)
@@ -52,4 +54,4 @@ def _sizes(ctx: Ctx) -> str:
 
     mbs, gbs = val("--micro-batch-size", 0), val("--global-batch-size", 0)
     seq, hidden = val("--seq-length", 64), val("--hidden-size", 256)  # smoke: gpt2-tiny at sequence 64
-    return f"{mbs * seq * hidden * 4 / 2**20:.2f} MiB per exchange, {gbs // mbs} micro-batches"
+    return f"{mbs * seq * hidden * 4 / 2**20:.2f} MiB per exchange, {gbs // (mbs * dp)} micro-batches"
